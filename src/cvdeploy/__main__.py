@@ -1,0 +1,5 @@
+"""`python -m cvdeploy` runs the CLI."""
+
+from cvdeploy.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""`cvdeploy build`: export a .pt with Ultralytics to ONNX and write a verified bundle around it.
+
+This is the one place (with the rest of cvdeploy.build) where torch and ultralytics are imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvdeploy.bundle.bundle import MANIFEST, Bundle, sha256_file, write_golden
+from cvdeploy.bundle.environment import capture
+from cvdeploy.bundle.manifest import (
+    GoldenCase,
+    Manifest,
+    OutputParity,
+    ParityReport,
+    PostprocessSpec,
+    PreprocessSpec,
+    SourceInfo,
+    TensorInfo,
+    Variant,
+)
+from cvdeploy.errors import BundleError, CvdeployError, InputError, MissingDependencyError, ModelFormatError
+from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
+from cvdeploy.vision.image import load_image
+from cvdeploy.vision.letterbox import letterbox, to_tensor
+
+BUILD_STEPS = ("load model", "export ONNX", "golden inputs", "source outputs", "parity check", "write bundle")
+DEFAULT_SCORE_TOLERANCE = 1e-3
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def _require_build_deps() -> tuple[Any, Any]:
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach out for fonts, assets or hub checks
+    try:
+        import torch
+        import ultralytics
+    except ImportError as e:
+        raise MissingDependencyError(e.name or "ultralytics", "build", "building a bundle from a .pt model") from e
+    return torch, ultralytics
+
+
+@contextmanager
+def _quiet_ultralytics() -> Iterator[None]:
+    """Ultralytics logs every export step; the CLI shows its own progress instead."""
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def golden_images(images: str | os.PathLike[str] | None, n: int, seed: int = 0) -> tuple[list[np.ndarray], str]:
+    """Images for the golden cases: the user's (first n files of a directory) or generated shapes scenes."""
+    if images is not None:
+        root = Path(images)
+        if not root.is_dir():
+            raise InputError(f"golden images: {root} is not a directory")
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:n]
+        if not files:
+            raise InputError(f"golden images: no image files in {root}")
+        return [load_image(p) for p in files], str(root)
+    from cvdeploy.demo.shapes import sample_scene
+
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng).image for _ in range(n)], f"cvdeploy shapes scenes (seed {seed})"
+
+
+def golden_tensors(imgs: Sequence[np.ndarray], pre: PreprocessSpec) -> list[tuple[np.ndarray, str]]:
+    """Inputs that exercise what the graph must handle: single images at their own (rect) sizes and a batch."""
+    spec = pre.letterbox()
+    cases = [(to_tensor([letterbox(im, spec, auto=spec.rect)[0]], spec), f"image {i}, minimal-padding letterbox")
+             for i, im in enumerate(imgs)]
+    if len(imgs) >= 2:
+        batch = [letterbox(im, spec, auto=False)[0] for im in imgs[:2]]
+        cases.append((to_tensor(batch, spec), "images 0-1 as a batch of 2, square letterbox"))
+    return cases
+
+
+def compare_outputs(
+    got: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, task: str, nc: int
+) -> dict[str, OutputParity]:
+    """Per-output differences; for detect, class scores and boxes are also reported apart."""
+    out = {}
+    for name, r in ref.items():
+        if name not in got:
+            raise BundleError(f"parity: the variant has no output {name!r} (it has {', '.join(got)})")
+        g = got[name].astype(np.float64)
+        r64 = r.astype(np.float64)
+        if g.shape != r64.shape:
+            raise BundleError(f"parity: output {name!r} has shape {g.shape}, the source gives {r64.shape}")
+        diff = np.abs(g - r64)
+        rel = diff / np.maximum(np.abs(r64), 1e-6)
+        report = OutputParity(max_abs=float(diff.max(initial=0)), mean_abs=float(diff.mean()) if diff.size else 0.0,
+                              max_rel=float(rel.max(initial=0)))
+        if task == "detect" and g.ndim == 3 and g.shape[1] == 4 + nc:
+            report.max_abs_boxes = float(diff[:, :4].max(initial=0))
+            report.max_abs_scores = float(diff[:, 4:].max(initial=0))
+        out[name] = report
+    return out
+
+
+def _safe_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    if not cleaned:
+        raise InputError(f"bundle name {name!r} has no usable characters")
+    return cleaned
+
+
+def build_bundle(
+    model: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    imgsz: int | None = None,
+    name: str | None = None,
+    images: str | os.PathLike[str] | None = None,
+    n_golden: int = 3,
+    score_tolerance: float = DEFAULT_SCORE_TOLERANCE,
+    force: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> Bundle:
+    """Export `model` (.pt) to ONNX FP32 and write a bundle directory at `out`; return it loaded.
+
+    The ONNX graph takes dynamic batch and spatial sizes and has no NMS inside. Its outputs on
+    the golden inputs must match the torch model's within `score_tolerance` on class scores,
+    or the build fails and nothing is written.
+    """
+    src = Path(model)
+    if not src.is_file():
+        raise InputError(f"model not found: {src}")
+    if src.suffix.lower() != ".pt":
+        raise ModelFormatError(f"cvdeploy build takes an Ultralytics .pt model, got {src.name}")
+    dest = Path(out)
+    if dest.exists() and not force:
+        raise InputError(f"{dest} already exists; choose another -o or pass --force to replace it")
+    if imgsz is not None and (imgsz < 32 or imgsz % 32):
+        raise InputError(f"imgsz must be a multiple of 32 and at least 32, got {imgsz}")
+    if n_golden < 1:
+        raise InputError(f"n_golden must be at least 1, got {n_golden}")
+    step = on_step or (lambda _s: None)
+    torch, ultralytics = _require_build_deps()
+    from ultralytics import YOLO
+
+    with tempfile.TemporaryDirectory(prefix="cvdeploy-build-") as tmp, _quiet_ultralytics():
+        work = Path(tmp)
+        step("load model")
+        local_pt = work / src.name  # Ultralytics writes the export next to the weights: keep the user's folder clean
+        shutil.copyfile(src, local_pt)
+        try:
+            yolo = YOLO(str(local_pt))
+        except Exception as e:  # ultralytics raises bare Exceptions/KeyErrors for foreign pickles
+            raise ModelFormatError(f"{src} is not an Ultralytics model ({type(e).__name__}: {e})") from e
+        task = yolo.task
+        if task != "detect":
+            raise ModelFormatError(f"{src} is a {task} model; this release builds detect bundles only")
+        names = {int(k): str(v) for k, v in yolo.names.items()}
+        train_imgsz = (yolo.overrides or {}).get("imgsz")
+        size = imgsz or (train_imgsz if isinstance(train_imgsz, int) else 640)
+        stride = int(max(int(yolo.model.stride.max()), 32))
+
+        step("export ONNX")
+        try:
+            onnx_file = Path(yolo.export(format="onnx", imgsz=size, dynamic=True, simplify=True, nms=False,
+                                         device="cpu", batch=1, verbose=False))
+        except Exception as e:
+            raise CvdeployError(f"Ultralytics could not export {src.name} to ONNX: {e}") from e
+
+        step("golden inputs")
+        pre = PreprocessSpec(imgsz=(size, size), stride=stride)
+        imgs, golden_source = golden_images(images, n_golden)
+        cases = golden_tensors(imgs, pre)
+
+        step("source outputs")
+        net = yolo.model.float().eval()
+        reference: list[dict[str, np.ndarray]] = []
+        engine = OrtEngine(onnx_file, OrtOptions(providers=("CPUExecutionProvider",)))
+        out_names = [o.name for o in engine.outputs]
+        with torch.inference_mode():
+            for tensor, _ in cases:
+                y = net(torch.from_numpy(tensor))
+                y = y[0] if isinstance(y, list | tuple) else y
+                reference.append({out_names[0]: y.numpy().astype(np.float32)})
+
+        step("parity check")
+        per_output: dict[str, list[OutputParity]] = {}
+        for (tensor, _), ref in zip(cases, reference, strict=True):
+            got = engine.run({engine.inputs[0].name: tensor})
+            for k, v in compare_outputs(got, ref, task=task, nc=len(names)).items():
+                per_output.setdefault(k, []).append(v)
+        merged = {k: OutputParity(max_abs=max(v.max_abs for v in vs), mean_abs=float(np.mean([v.mean_abs for v in vs])),
+                                  max_rel=max(v.max_rel for v in vs),
+                                  max_abs_scores=max((v.max_abs_scores or 0.0) for v in vs),
+                                  max_abs_boxes=max((v.max_abs_boxes or 0.0) for v in vs))
+                  for k, vs in per_output.items()}
+        worst = max((p.max_abs_scores or 0.0) for p in merged.values())
+        parity = ParityReport(reference=f"torch {torch.__version__} (source .pt, fp32)", tolerance_scores=score_tolerance,
+                              passed=worst <= score_tolerance, outputs=merged)
+        if not parity.passed:
+            raise BundleError(
+                f"the ONNX export differs from the source model: class scores differ by up to {worst:.2e} "
+                f"(tolerance {score_tolerance:.0e}); nothing was written"
+            )
+
+        step("write bundle")
+        bundle_name = _safe_name(name or src.stem)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{bundle_name}-", dir=dest.parent))  # same filesystem: atomic rename
+        try:
+            (stage / "variants").mkdir()
+            (stage / "golden").mkdir()
+            variant_file = stage / "variants" / "onnx-fp32.onnx"
+            shutil.copyfile(onnx_file, variant_file)
+            golden = []
+            for i, ((tensor, desc), ref) in enumerate(zip(cases, reference, strict=True)):
+                g = stage / "golden" / f"case_{i:03d}.npz"
+                write_golden(g, tensor, ref)
+                golden.append(GoldenCase(file=f"golden/{g.name}", sha256=sha256_file(g), input_shape=list(tensor.shape), description=desc))
+            inp = engine.inputs[0]
+            manifest = Manifest(
+                name=bundle_name,
+                task=task,
+                names=names,
+                input=TensorInfo(name=inp.name, shape=list(inp.shape), dtype=inp.dtype),  # type: ignore[arg-type]
+                outputs=[TensorInfo(name=o.name, shape=list(o.shape), dtype=o.dtype) for o in engine.outputs],  # type: ignore[arg-type]
+                preprocess=pre,
+                postprocess=PostprocessSpec(),
+                variants={"onnx-fp32": Variant(file="variants/onnx-fp32.onnx", sha256=sha256_file(variant_file),
+                                               size_bytes=variant_file.stat().st_size, parity=parity)},
+                default_variant="onnx-fp32",
+                golden=golden,
+                source=SourceInfo(file=src.name, sha256=sha256_file(src), format="pt",
+                                  exporter=f"ultralytics {ultralytics.__version__}", golden_images=golden_source),
+                environment=capture(),
+                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                cvdeploy_version=_version(),
+            )
+            engine.close()
+            (stage / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            stage.rename(dest)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    return Bundle.load(dest)
+
+
+def _version() -> str:
+    from cvdeploy import __version__
+
+    return __version__

@@ -1,0 +1,200 @@
+"""Reading bundles: load a NAME.cvd/ directory (checking schema and hashes) or a plain Ultralytics .onnx."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from cvdeploy.bundle.manifest import (
+    GoldenCase,
+    Manifest,
+    PostprocessSpec,
+    PreprocessSpec,
+    SourceInfo,
+    TensorInfo,
+    Variant,
+)
+from cvdeploy.errors import BundleError, InputError, ModelFormatError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class GoldenData:
+    """One golden case: the network input and the source model's raw outputs for it."""
+
+    case: GoldenCase
+    input: np.ndarray
+    outputs: dict[str, np.ndarray]
+
+
+def read_golden(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["input"], {k[len("output:"):]: z[k] for k in z.files if k.startswith("output:")}
+
+
+def write_golden(path: Path, inputs: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+    np.savez_compressed(path, input=inputs, **{f"output:{k}": v for k, v in outputs.items()})
+
+
+class Bundle:
+    """A deployable model: its manifest and, for a bundle directory, the root holding its files."""
+
+    def __init__(self, manifest: Manifest, root: Path | None, *, onnx_path: Path | None = None) -> None:
+        self.manifest = manifest
+        self.root = root
+        self._onnx_path = onnx_path  # set when the bundle stands for a plain .onnx file
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, check_hashes: bool = True) -> Bundle:
+        """Open a bundle directory or a plain .onnx; refuse anything incomplete or tampered with."""
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"model not found: {p}")
+        if p.is_file():
+            if p.suffix.lower() == ".onnx":
+                return cls.from_onnx(p)
+            raise ModelFormatError(
+                f"unknown model format {p.suffix or '(no suffix)'!r} for {p}: give a bundle directory or an .onnx file "
+                "(a .pt must first go through `cvdeploy build`)"
+            )
+        mpath = p / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"not a bundle: {p} has no {MANIFEST}")
+        try:
+            raw = json.loads(mpath.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{mpath}: not valid JSON ({e})") from e
+        try:
+            manifest = Manifest.model_validate(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "(root)"
+            raise BundleError(f"{mpath}: invalid manifest at {where}: {first['msg']} ({e.error_count()} error(s))") from e
+        bundle = cls(manifest, p)
+        if check_hashes:
+            bundle.check_files()
+        return bundle
+
+    def check_files(self) -> None:
+        """Check every variant and golden file exists and has the sha256 the manifest records."""
+        assert self.root is not None
+        entries = [(f"variant {name!r}", v.file, v.sha256) for name, v in self.manifest.variants.items()]
+        entries += [("golden case", g.file, g.sha256) for g in self.manifest.golden]
+        for what, rel, digest in entries:
+            f = self._resolve(rel)
+            if not f.is_file():
+                raise BundleError(f"bundle {self.root} is incomplete: {what} file {rel} is missing")
+            if sha256_file(f) != digest:
+                raise BundleError(
+                    f"bundle {self.root} was modified: {what} file {rel} does not match its sha256 in {MANIFEST}"
+                )
+
+    def _resolve(self, rel: str) -> Path:
+        assert self.root is not None
+        f = (self.root / rel).resolve()
+        if self.root.resolve() not in f.parents:
+            raise BundleError(f"{self.root / MANIFEST}: file {rel!r} points outside the bundle")
+        return f
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike[str]) -> Bundle:
+        """Describe a plain Ultralytics ONNX export as a one-variant bundle, from its metadata."""
+        from cvdeploy.runtime.onnxruntime import OrtEngine
+
+        p = Path(path)
+        engine = OrtEngine(p)
+        meta = engine.metadata
+        try:
+            names = {int(k): str(v) for k, v in ast.literal_eval(meta["names"]).items()}
+            imgsz = [int(x) for x in ast.literal_eval(meta.get("imgsz", "[640, 640]"))]
+            task = meta.get("task", "detect")
+            stride = int(float(meta.get("stride", "32")))
+        except (KeyError, ValueError, SyntaxError, AttributeError) as e:
+            raise ModelFormatError(
+                f"{p} has no Ultralytics metadata (names, imgsz, task); export it with Ultralytics or build a bundle"
+            ) from e
+        args = _literal(meta.get("args", "{}"))
+        end2end = bool(args.get("nms")) or meta.get("end2end", "False") == "True"
+        inp = engine.inputs[0]
+        if len(imgsz) == 1:
+            imgsz = imgsz * 2
+        manifest = Manifest(
+            name=p.stem,
+            task=task,
+            names=names,
+            input=TensorInfo(name=inp.name, shape=list(inp.shape), dtype=inp.dtype),  # type: ignore[arg-type]
+            outputs=[TensorInfo(name=o.name, shape=list(o.shape), dtype=o.dtype) for o in engine.outputs],  # type: ignore[arg-type]
+            preprocess=PreprocessSpec(imgsz=(imgsz[0], imgsz[1]), stride=stride),
+            postprocess=PostprocessSpec(end2end=end2end),
+            variants={"onnx-fp32": Variant(file=p.name, sha256=sha256_file(p), size_bytes=p.stat().st_size)},
+            default_variant="onnx-fp32",
+            source=SourceInfo(file=p.name, sha256=sha256_file(p), format="onnx", exporter=meta.get("version")),
+            created_at=meta.get("date", datetime.now(timezone.utc).isoformat()),
+            cvdeploy_version=_version(),
+        )
+        engine.close()
+        return cls(manifest, None, onnx_path=p)
+
+    # -- access --------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def names(self) -> dict[int, str]:
+        return self.manifest.names
+
+    def variant_path(self, variant: str | None = None) -> Path:
+        name = variant or self.manifest.default_variant
+        if name not in self.manifest.variants:
+            raise InputError(f"bundle {self.name!r} has no variant {name!r}; it has {', '.join(self.manifest.variants)}")
+        if self._onnx_path is not None:
+            return self._onnx_path
+        return self._resolve(self.manifest.variants[name].file)
+
+    def golden(self) -> Iterator[GoldenData]:
+        """The golden cases: inputs and the source model's expected outputs."""
+        if self.root is None:
+            return
+        for case in self.manifest.golden:
+            inputs, outputs = read_golden(self._resolve(case.file))
+            yield GoldenData(case, inputs, outputs)
+
+    def __repr__(self) -> str:
+        where = self.root or self._onnx_path
+        return f"Bundle(name={self.name!r}, task={self.manifest.task!r}, variants={list(self.manifest.variants)}, path={str(where)!r})"
+
+
+def _literal(text: str) -> dict[str, object]:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _version() -> str:
+    from cvdeploy import __version__
+
+    return __version__

@@ -1,0 +1,128 @@
+"""The bundle's manifest: a schema-versioned description of everything a deployment needs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cvdeploy.vision.letterbox import LetterboxSpec
+from cvdeploy.vision.postprocess import DetectOptions
+
+SCHEMA_VERSION = 1
+Task = Literal["detect", "classify", "segment", "pose", "obb"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorInfo(_Model):
+    name: str
+    shape: list[int | None]  # None: dynamic axis
+    dtype: str
+
+
+class PreprocessSpec(_Model):
+    """How an image becomes the network input; identical at build, verify and serve time."""
+
+    imgsz: tuple[int, int]  # (height, width)
+    stride: int = 32
+    pad_value: int = 114
+    rect: bool = True
+    scaleup: bool = True
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    scale: float = 255.0
+    interpolation: Literal["linear"] = "linear"
+    decoder: Literal["opencv-imread-color"] = "opencv-imread-color"  # EXIF applied, alpha dropped, 8-bit
+
+    def letterbox(self) -> LetterboxSpec:
+        return LetterboxSpec(
+            imgsz=self.imgsz, stride=self.stride, pad_value=self.pad_value, rect=self.rect,
+            scaleup=self.scaleup, channel_order=self.channel_order, scale=self.scale,
+        )
+
+
+class PostprocessSpec(_Model):
+    conf: float = Field(0.25, ge=0, le=1)
+    iou: float = Field(0.7, ge=0, le=1)
+    max_det: int = Field(300, ge=1)
+    end2end: bool = False  # NMS already inside the graph (rows of x1, y1, x2, y2, conf, class)
+
+    def options(self) -> DetectOptions:
+        return DetectOptions(conf=self.conf, iou=self.iou, max_det=self.max_det)
+
+
+class OutputParity(_Model):
+    """Difference between a variant's output and the source model's on the golden inputs."""
+
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    max_abs_scores: float | None = None  # detect: class-score channels only
+    max_abs_boxes: float | None = None  # detect: box channels, in input pixels
+
+
+class ParityReport(_Model):
+    reference: str  # what the variant was compared against, e.g. "torch (source .pt)"
+    tolerance_scores: float
+    passed: bool
+    outputs: dict[str, OutputParity]
+
+
+class Variant(_Model):
+    file: str  # relative to the bundle root
+    format: Literal["onnx", "openvino"] = "onnx"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    engine: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    sha256: str
+    size_bytes: int
+    parity: ParityReport | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class GoldenCase(_Model):
+    file: str
+    sha256: str
+    input_shape: list[int]
+    description: str = ""
+
+
+class SourceInfo(_Model):
+    file: str
+    sha256: str
+    format: Literal["pt", "onnx"]
+    exporter: str | None = None  # e.g. "ultralytics 8.4.190"
+    golden_images: str = ""  # where the golden inputs came from
+
+
+class Manifest(_Model):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    task: Task
+    names: dict[int, str]
+    input: TensorInfo
+    outputs: list[TensorInfo]
+    preprocess: PreprocessSpec
+    postprocess: PostprocessSpec = PostprocessSpec()
+    variants: dict[str, Variant]
+    default_variant: str
+    golden: list[GoldenCase] = Field(default_factory=list)
+    source: SourceInfo
+    environment: dict[str, object] = Field(default_factory=dict)
+    created_at: str
+    cvdeploy_version: str
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {v} is not supported by this cvdeploy (it reads version {SCHEMA_VERSION})")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _some_variant(cls, v: dict[str, Variant]) -> dict[str, Variant]:
+        if not v:
+            raise ValueError("a bundle needs at least one variant")
+        return v

@@ -1,0 +1,56 @@
+"""`cvdeploy demo`: shapes images -> demo bundle (built once) -> predictions, a table and annotated images."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from cvdeploy.cli.app import app, console
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("cvdeploy-demo"), help="Working directory for the images, bundle and predictions."),
+    n: int = typer.Option(8, min=1, max=500, help="Number of shapes images to generate and predict."),
+    seed: int = typer.Option(7, help="Seed for the demo images (the model was trained on seed 0)."),
+) -> None:
+    """Run the bundled YOLO11n shapes model end to end on freshly generated images."""
+    from rich.progress import Progress
+
+    from cvdeploy.cli.predict import results_table
+    from cvdeploy.demo import DEMO_MODEL
+    from cvdeploy.demo.shapes import generate_shapes
+    from cvdeploy.predict import Predictor
+    from cvdeploy.vision.draw import draw
+    from cvdeploy.vision.image import load_image
+
+    t0 = time.perf_counter()
+    data_dir, bundle_dir, pred_dir = out / "data", out / "yolo11n-shapes.cvd", out / "predictions"
+    with Progress(console=console) as progress:
+        task = progress.add_task("generate images", total=n)
+        generate_shapes(data_dir, n_train=0, n_val=n, seed=seed, progress=lambda k: progress.advance(task, k))
+    if not (bundle_dir / "manifest.json").is_file():
+        from cvdeploy.build import BUILD_STEPS, build_bundle
+
+        with Progress(console=console) as progress:
+            task = progress.add_task("build demo bundle", total=len(BUILD_STEPS))
+            build_bundle(DEMO_MODEL, bundle_dir, name="yolo11n-shapes", force=bundle_dir.exists(),
+                         on_step=lambda s: progress.update(task, advance=1, description=f"build: {s}"))
+    else:
+        console.print(f"using the demo bundle in {bundle_dir}")
+    predictor = Predictor(bundle_dir)
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    import cv2
+
+    for f in sorted((data_dir / "images" / "val").glob("*.jpg")):
+        result = predictor.predict(f)
+        cv2.imwrite(str(pred_dir / f.name), draw(load_image(f), result))
+        h, w = result.orig_shape
+        rows.append((f.name, f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
+    console.print(results_table(rows, title=f"{predictor.bundle.name} · {predictor.variant} · {predictor.engine.provider}"))
+    console.print(f"annotated images: {pred_dir.resolve()}")
+    console.print(f"bundle: {bundle_dir.resolve()}  (try: cvdeploy info {bundle_dir})")
+    console.print(f"done in {time.perf_counter() - t0:.1f} s")

@@ -1,0 +1,59 @@
+"""`cvdeploy info`: what a bundle holds, as a table (or its manifest as JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cvdeploy.cli.app import app, console
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@app.command()
+def info(
+    bundle: Path = typer.Argument(..., help="A bundle directory or an Ultralytics .onnx file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Show a bundle's task, classes, input, preprocessing, variants and build environment (hashes checked)."""
+    from cvdeploy.bundle import Bundle
+
+    b = Bundle.load(bundle)
+    m = b.manifest
+    if as_json:
+        print(json.dumps(m.model_dump(mode="json"), indent=2))
+        return
+    pre = m.preprocess
+    console.print(f"[bold]{m.name}[/]  task={m.task}  schema={m.schema_version}  built {m.created_at} with cvdeploy {m.cvdeploy_version}")
+    console.print(f"classes ({len(m.names)}): " + ", ".join(f"{i}:{n}" for i, n in m.names.items()), highlight=False)
+    console.print(f"input {m.input.name} {m.input.shape} {m.input.dtype}; outputs " + ", ".join(f"{o.name} {o.shape}" for o in m.outputs), highlight=False)
+    console.print(f"preprocess: letterbox to {pre.imgsz[0]}x{pre.imgsz[1]} (stride {pre.stride}, pad {pre.pad_value}, "
+                  f"rect={pre.rect}), {pre.channel_order}, /{pre.scale:g}; postprocess: conf {m.postprocess.conf}, "
+                  f"iou {m.postprocess.iou}, max_det {m.postprocess.max_det}", highlight=False)
+    table = Table(title="variants")
+    for col in ("variant", "format", "precision", "size", "sha256", "max |Δ| scores", "default"):
+        table.add_column(col)
+    for name, v in m.variants.items():
+        parity = "-"
+        if v.parity:
+            worst = max((o.max_abs_scores or o.max_abs) for o in v.parity.outputs.values())
+            parity = f"{worst:.1e} {'ok' if v.parity.passed else 'FAIL'}"
+        table.add_row(name, v.format, v.precision, _size(v.size_bytes), v.sha256[:12], parity, "*" if name == m.default_variant else "")
+    console.print(table)
+    refs = {v.parity.reference for v in m.variants.values() if v.parity}
+    if refs:
+        console.print(f"parity measured against: {', '.join(sorted(refs))} on the golden inputs", highlight=False)
+    src = m.source
+    console.print(f"source: {src.file} ({src.format}, sha256 {src.sha256[:12]}) exported by {src.exporter or '?'}; "
+                  f"{len(m.golden)} golden case(s) from {src.golden_images or '-'}", highlight=False)
+    env = m.environment
+    if env:
+        cpu = env.get("cpu", {})
+        pk = env.get("packages", {})
+        console.print(f"built on: Python {env.get('python')}, {cpu.get('model')} (flags: {' '.join(cpu.get('flags', [])) or '-'}); "
+                      + ", ".join(f"{k} {v}" for k, v in pk.items()), highlight=False)

@@ -1,0 +1,94 @@
+"""`cvdeploy predict`: run a bundle or an Ultralytics .onnx on images and directories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cvdeploy.cli.app import app, console, err_console, fail
+from cvdeploy.errors import ImageDecodeError, InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, directories expanded (recursively, sorted) to their image files."""
+    files: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {p}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"image not found: {p}")
+    return files
+
+
+def results_table(rows: list[tuple[str, str, str, str]], title: str | None = None) -> Table:
+    table = Table(title=title, show_lines=False)
+    for col, justify in (("image", "left"), ("size", "right"), ("detections", "left"), ("ms", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A bundle directory (NAME.cvd) or an Ultralytics .onnx file."),
+    images: list[Path] = typer.Argument(..., help="Image files and/or directories."),
+    variant: str | None = typer.Option(None, help="Bundle variant to run (default: the bundle's default)."),
+    conf: float | None = typer.Option(None, help="Confidence threshold (default: the bundle's, 0.25)."),
+    iou: float | None = typer.Option(None, help="NMS IoU threshold (default: the bundle's, 0.7)."),
+    max_det: int | None = typer.Option(None, "--max-det", help="Maximum detections per image."),
+    classes: str | None = typer.Option(None, help="Only these class ids, comma-separated, e.g. 0,2."),
+    save: Path | None = typer.Option(None, help="Write annotated images to this directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON (one list) instead of a table."),
+) -> None:
+    """Detect objects in images; print a table (or JSON) and optionally save annotated images."""
+    from cvdeploy.predict import Predictor
+    from cvdeploy.vision.draw import draw
+    from cvdeploy.vision.image import load_image
+
+    class_ids = None
+    if classes:
+        try:
+            class_ids = [int(c) for c in classes.split(",") if c.strip()]
+        except ValueError:
+            raise fail(f"--classes takes comma-separated integers, got {classes!r}") from None
+    files = collect_images(images)
+    predictor = Predictor(model, variant, conf=conf, iou=iou, max_det=max_det, classes=class_ids)
+    if save:
+        save.mkdir(parents=True, exist_ok=True)
+    out, rows, failed = [], [], 0
+    for f in files:
+        try:
+            result = predictor.predict(f)
+        except ImageDecodeError as e:
+            if len(files) == 1:
+                raise
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            failed += 1
+            continue
+        out.append(result.to_dict())
+        h, w = result.orig_shape
+        rows.append((str(f), f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
+        if save:
+            target = save / f"{f.stem}.jpg"
+            import cv2
+
+            cv2.imwrite(str(target), draw(load_image(f), result))
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        console.print(results_table(rows, title=f"{predictor.bundle.name} · {predictor.variant} · {predictor.engine.provider}"))
+        if save:
+            console.print(f"annotated images: {save}")
+    if failed:
+        raise fail(f"{failed} of {len(files)} image(s) could not be read")

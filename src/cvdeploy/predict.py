@@ -1,0 +1,162 @@
+"""Predictor: decode -> preprocess (bundle spec) -> engine -> postprocess, for one image, a batch, or async."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from cvdeploy.bundle import Bundle
+from cvdeploy.errors import InputError
+from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
+from cvdeploy.vision.image import DecodeLimits, ImageSource, load_image
+from cvdeploy.vision.letterbox import LetterboxParams, LetterboxSpec, preprocess
+from cvdeploy.vision.postprocess import DetectOptions, decode_detect_batch
+from cvdeploy.vision.result import Result, Timings
+
+SUPPORTED_TASKS = ("detect",)
+
+
+def _ms(t0: float, t1: float) -> float:
+    return (t1 - t0) * 1000.0
+
+
+class Predictor:
+    """Runs a bundle (or a plain Ultralytics .onnx) on images and returns `Result`s.
+
+    >>> p = Predictor("yolo11n-shapes.cvd", conf=0.3)
+    >>> result = p.predict("image.jpg")            # one image -> Result
+    >>> results = p.predict(["a.jpg", "b.png"])    # a list -> list[Result], batched through the engine
+    >>> result = await p.apredict(jpeg_bytes)      # from async code
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | Bundle,
+        variant: str | None = None,
+        *,
+        conf: float | None = None,
+        iou: float | None = None,
+        max_det: int | None = None,
+        classes: Sequence[int] | None = None,
+        engine_options: OrtOptions | None = None,
+        limits: DecodeLimits = DecodeLimits(),
+        max_batch: int = 32,
+    ) -> None:
+        self.bundle = model if isinstance(model, Bundle) else Bundle.load(model)
+        m = self.bundle.manifest
+        if m.task not in SUPPORTED_TASKS:
+            raise InputError(f"the Predictor runs {', '.join(SUPPORTED_TASKS)} models; {self.bundle.name!r} is a {m.task} model")
+        self.variant = variant or m.default_variant
+        self.engine = OrtEngine(self.bundle.variant_path(self.variant), engine_options or OrtOptions())
+        if max_batch < 1:
+            raise InputError(f"max_batch must be at least 1, got {max_batch}")
+        inp = self.engine.inputs[0]
+        self._input_name = inp.name
+        self.spec: LetterboxSpec = m.preprocess.letterbox()
+        if len(inp.shape) != 4:
+            raise InputError(f"model input {inp.name!r} has shape {list(inp.shape)}; expected an NCHW image tensor")
+        if isinstance(inp.shape[2], int) and isinstance(inp.shape[3], int):
+            # A fixed-size graph takes exactly its own size: no minimal-padding rectangles.
+            self.spec = replace(self.spec, imgsz=(inp.shape[2], inp.shape[3]), rect=False)
+        self.max_batch = max_batch if not isinstance(inp.shape[0], int) else min(max_batch, inp.shape[0])
+        defaults = m.postprocess
+        self.options = DetectOptions(
+            conf=defaults.conf if conf is None else conf,
+            iou=defaults.iou if iou is None else iou,
+            max_det=defaults.max_det if max_det is None else max_det,
+            classes=None if classes is None else tuple(int(c) for c in classes),
+        )
+        self.limits = limits
+        self._end2end = m.postprocess.end2end
+
+    @property
+    def names(self) -> dict[int, str]:
+        return self.bundle.names
+
+    def _options(self, overrides: dict[str, Any]) -> DetectOptions:
+        unknown = set(overrides) - {"conf", "iou", "max_det", "classes"}
+        if unknown:
+            raise InputError(f"unknown prediction option(s): {', '.join(sorted(unknown))}")
+        if "classes" in overrides and overrides["classes"] is not None:
+            overrides["classes"] = tuple(int(c) for c in overrides["classes"])
+        return replace(self.options, **{k: v for k, v in overrides.items() if v is not None or k == "classes"})
+
+    # -- the hot loop ----------------------------------------------------------------------------
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        """Run the engine on a preprocessed NCHW float32 tensor; returns the first output."""
+        return next(iter(self.engine.run({self._input_name: tensor}).values()))
+
+    def _run_batch(self, images: list[np.ndarray], options: DetectOptions) -> tuple[list[Any], list[Timings]]:
+        n = len(images)
+        t0 = time.perf_counter()
+        tensor, params = preprocess(images, self.spec)
+        t1 = time.perf_counter()
+        output = self.infer(tensor)
+        t2 = time.perf_counter()
+        dets = decode_detect_batch(output, params, options, end2end=self._end2end)
+        t3 = time.perf_counter()
+        timings = [Timings(preprocess=_ms(t0, t1) / n, infer=_ms(t1, t2) / n, postprocess=_ms(t2, t3) / n) for _ in range(n)]
+        return dets, timings
+
+    def _predict_many(self, sources: Sequence[ImageSource], options: DetectOptions) -> list[Result]:
+        decoded: list[tuple[np.ndarray, float]] = []
+        for src in sources:
+            t0 = time.perf_counter()
+            img = load_image(src, limits=self.limits)
+            decoded.append((img, _ms(t0, time.perf_counter())))
+        results: list[Result] = []
+        for start in range(0, len(decoded), self.max_batch):
+            chunk = decoded[start : start + self.max_batch]
+            dets, timings = self._run_batch([im for im, _ in chunk], options)
+            for (img, decode_ms), d, t, src in zip(chunk, dets, timings, sources[start : start + self.max_batch], strict=True):
+                t.decode = decode_ms
+                results.append(Result("detect", self.names, img.shape[:2], detections=d, timings=t, source=_source_name(src)))
+        return results
+
+    @overload
+    def predict(self, images: ImageSource, **overrides: Any) -> Result: ...
+    @overload
+    def predict(self, images: list[ImageSource] | tuple[ImageSource, ...], **overrides: Any) -> list[Result]: ...
+
+    def predict(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], **overrides: Any) -> Result | list[Result]:
+        """One image -> Result; a list or tuple -> list[Result] (batched). Overrides: conf, iou, max_det, classes."""
+        options = self._options(overrides)
+        if isinstance(images, list | tuple):
+            if not images:
+                raise InputError("no images given")
+            return self._predict_many(images, options)
+        return self._predict_many([images], options)[0]
+
+    __call__ = predict
+
+    async def apredict(self, image: ImageSource, **overrides: Any) -> Result:
+        """The same as `predict` for one image, off the event loop (ONNX Runtime releases the GIL)."""
+        return await asyncio.to_thread(self.predict, image, **overrides)
+
+    def preprocess(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[LetterboxParams]]:
+        """The bundle's preprocessing alone, for tools that feed the engine themselves."""
+        return preprocess(images, self.spec)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Predictor(bundle={self.bundle.name!r}, variant={self.variant!r}, provider={self.engine.provider!r})"
+
+
+def _source_name(src: ImageSource) -> str | None:
+    return str(src) if isinstance(src, str | Path) else None

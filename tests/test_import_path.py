@@ -1,0 +1,41 @@
+"""The inference path (bundle, vision, runtime, predict, the predict command) never imports torch or ultralytics."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = r"""
+import sys
+import cvdeploy
+from cvdeploy import Bundle, Predictor
+from cvdeploy.cli import app, main  # the CLI, with every command module registered
+from cvdeploy.cli import build, data, demo, info, predict  # noqa
+import cvdeploy.bundle, cvdeploy.vision, cvdeploy.runtime, cvdeploy.predict
+p = Predictor(sys.argv[1])
+r = p.predict(sys.argv[2])
+assert len(r.detections) >= 0
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "ultralytics", "torchvision"})
+print("HEAVY:" + ",".join(heavy))
+"""
+
+
+def test_inference_path_leaves_torch_out(demo_bundle: Path, shapes_data: Path) -> None:
+    image = next((shapes_data / "images" / "val").glob("*.jpg"))
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(demo_bundle), str(image)], capture_output=True, text=True, check=True)
+    assert "HEAVY:\n" in out.stdout, out.stdout
+
+
+def test_predict_command_leaves_torch_out(demo_bundle: Path, shapes_data: Path) -> None:
+    image = next((shapes_data / "images" / "val").glob("*.jpg"))
+    code = (
+        "import sys, runpy\n"
+        "sys.argv = ['cvdeploy', 'predict', sys.argv[1], sys.argv[2], '--json']\n"
+        "try:\n    runpy.run_module('cvdeploy', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('HEAVY:' + ','.join(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'ultralytics'})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(demo_bundle), str(image)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("HEAVY:"), out.stdout[-500:]
