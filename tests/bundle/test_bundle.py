@@ -63,10 +63,10 @@ def test_missing_variant_file_is_refused(bundle_copy: Path) -> None:
 
 
 def test_missing_or_broken_manifest(bundle_copy: Path, tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest\.json"):
         Bundle.load(tmp_path)
     (bundle_copy / "manifest.json").write_text("{not json")
-    with pytest.raises(BundleError, match="manifest.json: not valid JSON"):
+    with pytest.raises(BundleError, match=r"manifest\.json: not valid JSON"):
         Bundle.load(bundle_copy)
 
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,7 @@ def build_bundle(
                 source=SourceInfo(file=src.name, sha256=sha256_file(src), format="pt",
                                   exporter=f"ultralytics {ultralytics.__version__}", golden_images=golden_source),
                 environment=capture(),
-                created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 cvdeploy_version=_version(),
             )
             engine.close()

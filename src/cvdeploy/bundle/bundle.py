@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +149,7 @@ class Bundle:
             variants={"onnx-fp32": Variant(file=p.name, sha256=sha256_file(p), size_bytes=p.stat().st_size)},
             default_variant="onnx-fp32",
             source=SourceInfo(file=p.name, sha256=sha256_file(p), format="onnx", exporter=meta.get("version")),
-            created_at=meta.get("date", datetime.now(timezone.utc).isoformat()),
+            created_at=meta.get("date", datetime.now(UTC).isoformat()),
             cvdeploy_version=_version(),
         )
         engine.close()

@@ -30,7 +30,7 @@ def draw(image: np.ndarray, result: Result, *, line_width: int | None = None, la
     if result.detections is not None:
         for box, conf, cls in result.detections:
             color = class_color(cls)
-            x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+            x1, y1, x2, y2 = (round(float(v)) for v in box)
             cv2.rectangle(out, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
             if labels:
                 text = f"{result.names.get(cls, str(cls))} {conf:.2f}"
