@@ -88,11 +88,6 @@ def test_nms_suppresses_only_strictly_above_the_threshold() -> None:
     assert nms(boxes, scores, 0.49).tolist() == [0, 2] == _tv_nms(boxes, scores, 0.49).tolist()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nms compares float32 IoUs with float32(iou_threshold); torchvision compares in double, so an IoU exactly "
-    "equal to float32(thr) > thr (e.g. 0.3) is suppressed by torchvision but kept by cvdeploy",
-)
 @pytest.mark.parametrize(("w", "thr"), [(1, 0.1), (2, 0.2), (3, 0.3), (6, 0.6)])
 def test_nms_threshold_ties_match_torchvision(w: int, thr: float) -> None:
     boxes = np.array([[0, 0, 10, 10], [0, 0, w, 10]], np.float32)  # IoU = w / 10 exactly (in float32)
@@ -100,7 +95,6 @@ def test_nms_threshold_ties_match_torchvision(w: int, thr: float) -> None:
     assert nms(boxes, scores, thr).tolist() == _tv_nms(boxes, scores, thr).tolist()
 
 
-@pytest.mark.xfail(strict=True, reason="the matrix branch never reaches len(keep) == 0, so max_keep=0 keeps everything")
 def test_nms_max_keep_zero_keeps_nothing() -> None:
     boxes, scores = _random_boxes(5, 0)
     assert len(nms(boxes, scores, 0.5, max_keep=0)) == 0
@@ -325,9 +319,7 @@ def test_decode_classify_empty_is_an_input_error() -> None:
 # ---------------------------------------------------------------- DetectOptions
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "word"), [({"conf": 1.5}, "conf"), ({"iou": -0.1}, "iou"), ({"max_det": 0}, "max_det")]
-)
+@pytest.mark.parametrize(("kwargs", "word"), [({"conf": 1.5}, "conf"), ({"iou": -0.1}, "iou"), ({"max_det": 0}, "max_det")])
 def test_detect_options_reject_bad_values(kwargs: dict, word: str) -> None:
     with pytest.raises(InputError, match=word):
         DetectOptions(**kwargs)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cvdeploy.cli.app import app, console, err_console, fail
 from cvdeploy.errors import ImageDecodeError, InputError
+from cvdeploy.predict import Predictor
+from cvdeploy.vision.draw import draw
+from cvdeploy.vision.image import load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -39,6 +44,23 @@ def results_table(rows: list[tuple[str, str, str, str]], title: str | None = Non
     return table
 
 
+def _predict_one(predictor: Predictor, f: Path, n_files: int, out: list, rows: list, save: Path | None) -> int:
+    """Predict one file into `out`/`rows`; return 1 if it could not be read (0 otherwise)."""
+    try:
+        result = predictor.predict(f)
+    except ImageDecodeError as e:
+        if n_files == 1:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 1
+    out.append(result.to_dict())
+    h, w = result.orig_shape
+    rows.append((str(f), f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
+    if save:
+        cv2.imwrite(str(save / f"{f.stem}.jpg"), draw(load_image(f), result))
+    return 0
+
+
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="A bundle directory (NAME.cvd) or an Ultralytics .onnx file."),
@@ -52,10 +74,6 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON (one list) instead of a table."),
 ) -> None:
     """Detect objects in images; print a table (or JSON) and optionally save annotated images."""
-    from cvdeploy.predict import Predictor
-    from cvdeploy.vision.draw import draw
-    from cvdeploy.vision.image import load_image
-
     class_ids = None
     if classes:
         try:
@@ -67,23 +85,14 @@ def predict(
     if save:
         save.mkdir(parents=True, exist_ok=True)
     out, rows, failed = [], [], 0
-    for f in files:
-        try:
-            result = predictor.predict(f)
-        except ImageDecodeError as e:
-            if len(files) == 1:
-                raise
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            failed += 1
-            continue
-        out.append(result.to_dict())
-        h, w = result.orig_shape
-        rows.append((str(f), f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
-        if save:
-            target = save / f"{f.stem}.jpg"
-            import cv2
-
-            cv2.imwrite(str(target), draw(load_image(f), result))
+    # Progress goes to stderr (and vanishes when done) so that --json output stays clean.
+    progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=True, disable=len(files) < 2)
+    task = progress.add_task("predict", total=len(files))
+    with progress:
+        for f in files:
+            progress.advance(task)
+            failed += _predict_one(predictor, f, len(files), out, rows, save)
     if as_json:
         print(json.dumps(out, indent=2))
     else:

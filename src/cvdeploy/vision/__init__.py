@@ -3,7 +3,7 @@
 from cvdeploy.vision.detections import Classifications, Detections
 from cvdeploy.vision.draw import draw
 from cvdeploy.vision.image import DecodeLimits, load_image
-from cvdeploy.vision.letterbox import LetterboxParams, LetterboxSpec, letterbox, preprocess
+from cvdeploy.vision.letterbox import LetterboxParams, LetterboxSpec, preprocess
 from cvdeploy.vision.postprocess import DetectOptions, decode_classify, decode_detect, nms
 from cvdeploy.vision.result import Result, Timings
 
@@ -19,7 +19,6 @@ __all__ = [
     "decode_classify",
     "decode_detect",
     "draw",
-    "letterbox",
     "load_image",
     "nms",
     "preprocess",

@@ -44,6 +44,9 @@ def _iou_one_to_many(box: np.ndarray, boxes: np.ndarray, areas: np.ndarray, area
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, *, max_keep: int | None = None) -> np.ndarray:
     """Greedy NMS (torchvision semantics: suppress IoU > threshold); returns kept indices, best first."""
+    if max_keep is not None and max_keep <= 0:
+        return np.zeros(0, dtype=np.int64)
+    threshold = np.float64(iou_threshold)  # compare in double, as torchvision does (float32 IoU ties at 0.3 etc.)
     order = np.argsort(-scores, kind="stable")
     boxes = boxes[order]
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -56,7 +59,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, *, max_keep
         rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
         wh = np.clip(rb - lt, 0, None)
         inter = wh[..., 0] * wh[..., 1]
-        over = inter / (areas[:, None] + areas[None, :] - inter) > iou_threshold
+        over = inter / (areas[:, None] + areas[None, :] - inter) > threshold
         suppressed = np.zeros(n, dtype=bool)
         for i in range(n):
             if suppressed[i]:
@@ -71,7 +74,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, *, max_keep
             i = alive[0]
             keep.append(int(i))
             rest = alive[1:]
-            alive = rest[_iou_one_to_many(boxes[i], boxes[rest], areas[rest], areas[i]) <= iou_threshold]
+            alive = rest[_iou_one_to_many(boxes[i], boxes[rest], areas[rest], areas[i]) <= threshold]
     return order[np.asarray(keep, dtype=np.int64)]
 
 
