@@ -83,6 +83,14 @@ def test_unknown_schema_and_invalid_fields(bundle_copy: Path) -> None:
         Bundle.load(bundle_copy)
 
 
+def test_default_variant_must_be_one_of_the_variants(bundle_copy: Path) -> None:
+    m = _manifest(bundle_copy)
+    m["default_variant"] = "onnx-int8"
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="default_variant 'onnx-int8' is not one of the variants"):
+        Bundle.load(bundle_copy)
+
+
 def test_manifest_cannot_point_outside_the_bundle(bundle_copy: Path) -> None:
     m = _manifest(bundle_copy)
     m["variants"]["onnx-fp32"]["file"] = "../../etc/passwd"

@@ -60,6 +60,23 @@ def test_predict_directory_saves_annotated_images(demo_bundle: Path, shapes_data
     assert "annotated images" in p.stdout and "yolo11n-shapes" in p.stdout
 
 
+def test_saved_images_with_the_same_stem_do_not_overwrite_each_other(demo_bundle: Path, image: Path, tmp_path: Path) -> None:
+    import cv2
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(image, src / "a.jpg")
+    cv2.imwrite(str(src / "a.png"), cv2.imread(str(image)))
+    p = run("predict", demo_bundle, src, "--save", tmp_path / "out")
+    assert p.returncode == 0, p.stderr
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["a-1.jpg", "a.jpg"]
+
+
+def test_negative_seed_is_a_usage_error(tmp_path: Path) -> None:
+    p = run("data", "shapes", tmp_path / "d", "--seed", "-1")
+    assert p.returncode == 2 and "seed" in p.stderr.lower()
+
+
 def test_predict_plain_onnx(demo_bundle: Path, image: Path) -> None:
     p = run("predict", demo_bundle / "variants" / "onnx-fp32.onnx", image, "--json")
     assert p.returncode == 0, p.stderr
@@ -138,5 +155,6 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert len(list((tmp_path / "demo" / "predictions").glob("*.jpg"))) == 3
     assert "annotated images" in p.stdout and "yolo11n-shapes" in p.stdout
-    again = run("demo", "--out", tmp_path / "demo", "--n", "3")  # the bundle is reused, not rebuilt
+    again = run("demo", "--out", tmp_path / "demo", "--n", "2")  # the bundle is reused, not rebuilt
     assert again.returncode == 0 and "using the demo bundle" in again.stdout
+    assert len(list((tmp_path / "demo" / "predictions").iterdir())) == 2  # only this run's images

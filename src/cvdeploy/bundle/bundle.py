@@ -138,20 +138,11 @@ class Bundle:
         inp = engine.inputs[0]
         if len(imgsz) == 1:
             imgsz = imgsz * 2
-        manifest = Manifest(
-            name=p.stem,
-            task=task,
-            names=names,
-            input=TensorInfo(name=inp.name, shape=list(inp.shape), dtype=inp.dtype),  # type: ignore[arg-type]
-            outputs=[TensorInfo(name=o.name, shape=list(o.shape), dtype=o.dtype) for o in engine.outputs],  # type: ignore[arg-type]
-            preprocess=PreprocessSpec(imgsz=(imgsz[0], imgsz[1]), stride=stride),
-            postprocess=PostprocessSpec(end2end=end2end),
-            variants={"onnx-fp32": Variant(file=p.name, sha256=sha256_file(p), size_bytes=p.stat().st_size)},
-            default_variant="onnx-fp32",
-            source=SourceInfo(file=p.name, sha256=sha256_file(p), format="onnx", exporter=meta.get("version")),
-            created_at=meta.get("date", datetime.now(UTC).isoformat()),
-            cvdeploy_version=_version(),
-        )
+        try:
+            manifest = _onnx_manifest(p, names, task, inp, engine, imgsz, stride, end2end, meta)
+        except ValidationError as e:
+            engine.close()
+            raise ModelFormatError(f"{p}: its Ultralytics metadata does not describe a usable model: {e.errors()[0]['msg']}") from e
         engine.close()
         return cls(manifest, None, onnx_path=p)
 
@@ -198,3 +189,21 @@ def _version() -> str:
     from cvdeploy import __version__
 
     return __version__
+
+
+def _onnx_manifest(p: Path, names, task, inp, engine, imgsz, stride, end2end, meta) -> Manifest:
+    manifest = Manifest(
+        name=p.stem,
+        task=task,
+        names=names,
+        input=TensorInfo(name=inp.name, shape=list(inp.shape), dtype=inp.dtype),  # type: ignore[arg-type]
+        outputs=[TensorInfo(name=o.name, shape=list(o.shape), dtype=o.dtype) for o in engine.outputs],  # type: ignore[arg-type]
+        preprocess=PreprocessSpec(imgsz=(imgsz[0], imgsz[1]), stride=stride),
+        postprocess=PostprocessSpec(end2end=end2end),
+        variants={"onnx-fp32": Variant(file=p.name, sha256=sha256_file(p), size_bytes=p.stat().st_size)},
+        default_variant="onnx-fp32",
+        source=SourceInfo(file=p.name, sha256=sha256_file(p), format="onnx", exporter=meta.get("version")),
+        created_at=meta.get("date", datetime.now(UTC).isoformat()),
+        cvdeploy_version=_version(),
+    )
+    return manifest

@@ -7,7 +7,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("cvdeploy", "numpy", "onnx", "onnxruntime", "opencv-python-headless", "torch", "torchvision", "ultralytics", "openvino")
+PACKAGES = ("cvdeploy", "numpy", "onnx", "onnxruntime", "opencv-python-headless", "opencv-python", "torch", "torchvision", "ultralytics", "openvino")
 # The flags that decide which kernels an engine can use (AVX-512 and VNNI matter for INT8 speed).
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp")

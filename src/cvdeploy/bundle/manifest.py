@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cvdeploy.vision.letterbox import LetterboxSpec
 from cvdeploy.vision.postprocess import DetectOptions
@@ -126,3 +126,9 @@ class Manifest(_Model):
         if not v:
             raise ValueError("a bundle needs at least one variant")
         return v
+
+    @model_validator(mode="after")
+    def _default_is_a_variant(self) -> Manifest:
+        if self.default_variant not in self.variants:
+            raise ValueError(f"default_variant {self.default_variant!r} is not one of the variants ({', '.join(self.variants)})")
+        return self

@@ -44,7 +44,7 @@ def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
     from cvdeploy.cli import build, data, demo, info, predict  # noqa: F401  (register the commands)
 
-    debug = bool(os.environ.get("CVDEPLOY_DEBUG"))
+    debug = os.environ.get("CVDEPLOY_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
     try:
         app()  # standalone: usage errors print click's usage message and exit 2
     except CvdeployError as e:

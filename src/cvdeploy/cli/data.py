@@ -18,7 +18,7 @@ def shapes(
     out: Path = typer.Argument(..., help="Output directory (images/, labels/, data.yaml)."),
     n_train: int = typer.Option(400, "--n-train", min=0, help="Training images."),
     n_val: int = typer.Option(100, "--n-val", min=1, help="Validation images."),
-    seed: int = typer.Option(0, help="Seed: the same seed gives the same dataset."),
+    seed: int = typer.Option(0, min=0, help="Seed: the same seed gives the same dataset."),
 ) -> None:
     """Generate a deterministic YOLO-format shapes dataset (varied sizes, textured backgrounds, small objects)."""
     from cvdeploy.demo.shapes import generate_shapes

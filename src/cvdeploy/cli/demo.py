@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from cvdeploy.cli.app import app, console
 def demo(
     out: Path = typer.Option(Path("cvdeploy-demo"), help="Working directory for the images, bundle and predictions."),
     n: int = typer.Option(8, min=1, max=500, help="Number of shapes images to generate and predict."),
-    seed: int = typer.Option(7, help="Seed for the demo images (the model was trained on seed 0)."),
+    seed: int = typer.Option(7, min=0, help="Seed for the demo images (the model was trained on seed 0)."),
 ) -> None:
     """Run the bundled YOLO11n shapes model end to end on freshly generated images."""
     from rich.progress import Progress
@@ -28,10 +29,13 @@ def demo(
 
     t0 = time.perf_counter()
     data_dir, bundle_dir, pred_dir = out / "data", out / "yolo11n-shapes.cvd", out / "predictions"
+    for stale in (data_dir, pred_dir):  # a previous run's images (maybe more, another seed) must not be mixed in
+        if stale.exists():
+            shutil.rmtree(stale)
     with Progress(console=console) as progress:
         task = progress.add_task("generate images", total=n)
         generate_shapes(data_dir, n_train=0, n_val=n, seed=seed, progress=lambda k: progress.advance(task, k))
-    if not (bundle_dir / "manifest.json").is_file():
+    if not _bundle_is_current(bundle_dir, DEMO_MODEL):
         from cvdeploy.build import BUILD_STEPS, build_bundle
 
         with Progress(console=console) as progress:
@@ -45,7 +49,7 @@ def demo(
     rows = []
     import cv2
 
-    for f in sorted((data_dir / "images" / "val").glob("*.jpg")):
+    for f in sorted((data_dir / "images" / "val").iterdir()):
         result = predictor.predict(f)
         cv2.imwrite(str(pred_dir / f.name), draw(load_image(f), result))
         h, w = result.orig_shape
@@ -54,3 +58,16 @@ def demo(
     console.print(f"annotated images: {pred_dir.resolve()}")
     console.print(f"bundle: {bundle_dir.resolve()}  (try: cvdeploy info {bundle_dir})")
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
+def _bundle_is_current(bundle_dir: Path, model: Path) -> bool:
+    """True if `bundle_dir` holds a readable bundle built from exactly this `model` file."""
+    from cvdeploy.bundle.bundle import Bundle, sha256_file
+    from cvdeploy.errors import BundleError
+
+    if not (bundle_dir / "manifest.json").is_file():
+        return False
+    try:
+        return Bundle.load(bundle_dir).manifest.source.sha256 == sha256_file(model)
+    except BundleError:
+        return False

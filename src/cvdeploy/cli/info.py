@@ -41,7 +41,7 @@ def info(
     for name, v in m.variants.items():
         parity = "-"
         if v.parity:
-            worst = max((o.max_abs_scores or o.max_abs) for o in v.parity.outputs.values())
+            worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values())
             parity = f"{worst:.1e} {'ok' if v.parity.passed else 'FAIL'}"
         table.add_row(name, v.format, v.precision, _size(v.size_bytes), v.sha256[:12], parity, "*" if name == m.default_variant else "")
     console.print(table)

@@ -44,7 +44,17 @@ def results_table(rows: list[tuple[str, str, str, str]], title: str | None = Non
     return table
 
 
-def _predict_one(predictor: Predictor, f: Path, n_files: int, out: list, rows: list, save: Path | None) -> int:
+def save_path(save: Path, f: Path, used: set[str]) -> Path:
+    """Where the annotated copy of `f` goes: its stem as .jpg, made unique (a.png and a.jpg must not overwrite each other)."""
+    name, k = f"{f.stem}.jpg", 1
+    while name in used:
+        name, k = f"{f.stem}-{k}.jpg", k + 1
+    used.add(name)
+    return save / name
+
+
+def _predict_one(predictor: Predictor, f: Path, n_files: int, out: list, rows: list, save: Path | None,
+                 used: set[str]) -> int:
     """Predict one file into `out`/`rows`; return 1 if it could not be read (0 otherwise)."""
     try:
         result = predictor.predict(f)
@@ -57,7 +67,7 @@ def _predict_one(predictor: Predictor, f: Path, n_files: int, out: list, rows: l
     h, w = result.orig_shape
     rows.append((str(f), f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
     if save:
-        cv2.imwrite(str(save / f"{f.stem}.jpg"), draw(load_image(f), result))
+        cv2.imwrite(str(save_path(save, f, used)), draw(load_image(f), result))
     return 0
 
 
@@ -84,15 +94,15 @@ def predict(
     predictor = Predictor(model, variant, conf=conf, iou=iou, max_det=max_det, classes=class_ids)
     if save:
         save.mkdir(parents=True, exist_ok=True)
-    out, rows, failed = [], [], 0
+    out, rows, failed, used = [], [], 0, set()
     # Progress goes to stderr (and vanishes when done) so that --json output stays clean.
     progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=err_console, transient=True, disable=len(files) < 2)
     task = progress.add_task("predict", total=len(files))
     with progress:
         for f in files:
+            failed += _predict_one(predictor, f, len(files), out, rows, save, used)
             progress.advance(task)
-            failed += _predict_one(predictor, f, len(files), out, rows, save)
     if as_json:
         print(json.dumps(out, indent=2))
     else:
