@@ -33,6 +33,9 @@ def main() -> None:
     p.add_argument("--imgsz", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--finetune", type=Path, default=None,
+                   help="start from these weights (a second stage: e.g. more epochs from a first run's best.pt)")
+    p.add_argument("--lr0", type=float, default=0.01, help="initial learning rate (use ~0.002 with --finetune)")
     p.add_argument("--install", action="store_true", help="copy the weights into the package")
     args = p.parse_args()
 
@@ -40,8 +43,8 @@ def main() -> None:
 
     t0 = time.time()
     data = generate_shapes(args.out / "data", n_train=args.n_train, n_val=args.n_val, seed=args.seed)
-    model = YOLO("yolo11n.yaml")
-    model.train(
+    model = YOLO(str(args.finetune) if args.finetune else "yolo11n.yaml")
+    model.train(lr0=args.lr0, warmup_epochs=0 if args.finetune else 3,
         data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=args.workers,
         seed=args.seed, deterministic=True, nbs=args.batch, cache="ram", device="cpu", amp=False, plots=False, pretrained=False,
         project=str(args.out.resolve()), name="train", exist_ok=True, close_mosaic=max(1, args.epochs // 6),
@@ -59,9 +62,9 @@ def main() -> None:
     coco = evaluate_detect(Predictor(bundle), data)
     summary = {
         "command": "python scripts/train_demo_model.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("install",)
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("install",) and v is not None
         ),
-        "seed": args.seed, "epochs": args.epochs, "imgsz": args.imgsz, "n_train": args.n_train, "n_val": args.n_val,
+        "seed": args.seed, "epochs": args.epochs, "finetune_from": str(args.finetune) if args.finetune else None, "imgsz": args.imgsz, "n_train": args.n_train, "n_val": args.n_val,
         "wall_time_s": round(train_s, 1),
         "coco_map50_95": round(coco.map50_95, 4), "coco_map50": round(coco.map50, 4),
         "ultralytics_val_map50_95": round(float(metrics.box.map), 4), "ultralytics_val_map50": round(float(metrics.box.map50), 4),

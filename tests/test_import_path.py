@@ -11,7 +11,8 @@ import sys
 import cvdeploy
 from cvdeploy import Bundle, Predictor
 from cvdeploy.cli import app, main  # the CLI, with every command module registered
-from cvdeploy.cli import build, data, demo, info, predict  # noqa
+from cvdeploy.cli import bench, build, data, demo, info, predict  # noqa
+import cvdeploy.bench, cvdeploy.bench.tune, cvdeploy.bench.profile  # noqa
 import cvdeploy.bundle, cvdeploy.vision, cvdeploy.runtime, cvdeploy.predict
 p = Predictor(sys.argv[1])
 r = p.predict(sys.argv[2])

@@ -126,6 +126,16 @@ def test_constructor_defaults_and_validation(demo_bundle: Path) -> None:
         Predictor(demo_bundle, max_batch=0)
 
 
+def test_imgsz_override_on_a_dynamic_model(demo_bundle: Path) -> None:
+    img = np.full((300, 500, 3), 114, np.uint8)
+    p = Predictor(demo_bundle, imgsz=320)
+    tensor, _ = p.preprocess([img])
+    assert p.spec.imgsz == (320, 320) and tensor.shape == (1, 3, 192, 320)  # minimal-padding rectangle at 320
+    assert p.predict(img).orig_shape == (300, 500)
+    with pytest.raises(InputError, match="multiple of the stride"):
+        Predictor(demo_bundle, imgsz=100)
+
+
 def test_bad_images_raise_clear_errors(predictor: Predictor, tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError):
         predictor.predict(b"definitely not an image")

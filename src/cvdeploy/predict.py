@@ -48,12 +48,16 @@ class Predictor:
         engine_options: OrtOptions | None = None,
         limits: DecodeLimits = DecodeLimits(),
         max_batch: int = 32,
+        imgsz: int | None = None,
     ) -> None:
         self.bundle = model if isinstance(model, Bundle) else Bundle.load(model)
         m = self.bundle.manifest
         if m.task not in SUPPORTED_TASKS:
             raise InputError(f"the Predictor runs {', '.join(SUPPORTED_TASKS)} models; {self.bundle.name!r} is a {m.task} model")
         self.variant = variant or m.default_variant
+        if engine_options is None and (hint := self.bundle.runtime_hint(self.variant)) is not None:
+            engine_options = OrtOptions(intra_op_threads=hint.intra_op_threads, inter_op_threads=hint.inter_op_threads,
+                                        execution_mode=hint.execution_mode, graph_optimization=hint.graph_optimization)
         self.engine = OrtEngine(self.bundle.variant_path(self.variant), engine_options or OrtOptions())
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
@@ -62,9 +66,16 @@ class Predictor:
         self.spec: LetterboxSpec = m.preprocess.letterbox()
         if len(inp.shape) != 4:
             raise InputError(f"model input {inp.name!r} has shape {list(inp.shape)}; expected an NCHW image tensor")
-        if isinstance(inp.shape[2], int) and isinstance(inp.shape[3], int):
+        fixed = isinstance(inp.shape[2], int) and isinstance(inp.shape[3], int)
+        if fixed:
             # A fixed-size graph takes exactly its own size: no minimal-padding rectangles.
             self.spec = replace(self.spec, imgsz=(inp.shape[2], inp.shape[3]), rect=False)
+        if imgsz is not None and (imgsz,) * 2 != tuple(self.spec.imgsz):
+            if fixed:
+                raise InputError(f"this model's input is fixed at {self.spec.imgsz[1]}x{self.spec.imgsz[0]}; it cannot run at imgsz {imgsz}")
+            if imgsz < self.spec.stride or imgsz % self.spec.stride:
+                raise InputError(f"imgsz must be a positive multiple of the stride ({self.spec.stride}), got {imgsz}")
+            self.spec = replace(self.spec, imgsz=(imgsz, imgsz))
         self.max_batch = max_batch if not isinstance(inp.shape[0], int) else min(max_batch, inp.shape[0])
         defaults = m.postprocess
         self.options = DetectOptions(

@@ -158,3 +158,36 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     again = run("demo", "--out", tmp_path / "demo", "--n", "2")  # the bundle is reused, not rebuilt
     assert again.returncode == 0 and "using the demo bundle" in again.stdout
     assert len(list((tmp_path / "demo" / "predictions").iterdir())) == 2  # only this run's images
+
+
+def test_bench_writes_a_table_and_json(demo_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    p = run("bench", demo_bundle, "--iterations", "3", "--warmup", "1", "--concurrency", "1,2",
+            "--profile", tmp_path / "trace.json", "--top", "3", "--json", out)
+    assert p.returncode == 0, p.stderr
+    assert "pipelined / sequential throughput" in p.stdout and "slowest nodes" in p.stdout
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["results"]] == ["engine", "sequential", "pipelined"]
+    assert all(r["latency_ms"]["n"] == 3 and r["warmup"]["calls"] == 1 for r in report["results"])
+    assert len(report["profile"]["top_nodes"]) == 3 and (tmp_path / "trace.json").is_file()
+    assert report["machine"]["cpu"]["flags"] is not None
+
+
+def test_bench_bad_options(demo_bundle: Path) -> None:
+    assert_one_line_error(run("bench", demo_bundle, "--batch", "one"), "--batch")
+    assert_one_line_error(run("bench", demo_bundle, "--imgsz", "100"), "stride")
+    assert_one_line_error(run("bench", demo_bundle / "nope"), "not found")
+
+
+def test_bench_tune_stores_the_winner(demo_bundle: Path, tmp_path: Path) -> None:
+    b = tmp_path / "b.cvd"
+    shutil.copytree(demo_bundle, b)
+    p = run("bench", "tune", b, "--rounds", "1", "--per-round", "1", "--json", tmp_path / "tune.json")
+    assert p.returncode == 0, p.stderr
+    assert "best:" in p.stdout and "(default)" in p.stdout
+    hints = json.loads((b / "manifest.json").read_text())["runtime"]
+    assert len(hints) == 1 and hints[0]["variant"] == "onnx-fp32"
+    assert json.loads((tmp_path / "tune.json").read_text())["hint"] == hints[0]
+    dry = run("bench", "tune", demo_bundle, "--rounds", "1", "--per-round", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads((demo_bundle / "manifest.json").read_text())["runtime"] == []  # --dry-run writes nothing

@@ -19,6 +19,7 @@ from cvdeploy.bundle.manifest import (
     Manifest,
     PostprocessSpec,
     PreprocessSpec,
+    RuntimeHint,
     SourceInfo,
     TensorInfo,
     Variant,
@@ -94,6 +95,17 @@ class Bundle:
         if check_hashes:
             bundle.check_files()
         return bundle
+
+    def save_manifest(self) -> None:
+        """Write the (changed) manifest back atomically; only a bundle directory has one to write."""
+        if self.root is None:
+            raise BundleError(f"{self._onnx_path} is a plain .onnx file, not a bundle: build a bundle to store settings")
+        tmp = self.root / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(self.manifest.model_dump(mode="json"), indent=2) + "\n")
+        os.replace(tmp, self.root / MANIFEST)
+
+    def runtime_hint(self, variant: str) -> RuntimeHint | None:
+        return next((h for h in self.manifest.runtime if h.variant == variant), None)
 
     def check_files(self) -> None:
         """Check every variant and golden file exists and has the sha256 the manifest records."""

@@ -81,6 +81,23 @@ class Variant(_Model):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+class RuntimeHint(_Model):
+    """Engine settings `cvdeploy bench tune` found fastest on one machine; the Predictor applies them."""
+
+    variant: str
+    intra_op_threads: int = Field(0, ge=0)
+    inter_op_threads: int = Field(0, ge=0)
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    batch: int = Field(1, ge=1)
+    concurrency: int = Field(1, ge=1)
+    objective: Literal["latency", "throughput"] = "latency"
+    tuned_ms: float  # the winner's median per request
+    default_ms: float  # ONNX Runtime's default settings, same run
+    cpu: str = ""  # where it was measured: a hint for another machine is only a hint
+    tuned_at: str = ""
+
+
 class GoldenCase(_Model):
     file: str
     sha256: str
@@ -110,6 +127,7 @@ class Manifest(_Model):
     golden: list[GoldenCase] = Field(default_factory=list)
     source: SourceInfo
     environment: dict[str, object] = Field(default_factory=dict)
+    runtime: list[RuntimeHint] = Field(default_factory=list)  # from `cvdeploy bench tune`, one per variant
     created_at: str
     cvdeploy_version: str
 

@@ -1,0 +1,258 @@
+"""`cvdeploy bench BUNDLE`: latency, throughput and per-stage times; warmup apart; op-level profile."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import typer
+import typer.core
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cvdeploy.cli.app import app, console, fail
+from cvdeploy.errors import InputError
+
+
+class _DefaultToRun(typer.core.TyperGroup):
+    """`cvdeploy bench BUNDLE ...` means `cvdeploy bench run BUNDLE ...` (subcommands stay reachable by name)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(cls=_DefaultToRun, no_args_is_help=True, help="Measure a bundle: latency, throughput, stages, ops.")
+app.add_typer(bench_app, name="bench")
+
+
+def int_list(text: str, option: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < minimum:
+        raise InputError(f"{option} takes integers >= {minimum}, got {text!r}")
+    return values
+
+
+def bench_images(images: Path | None, n: int = 16) -> list[bytes]:
+    """Encoded images to feed: the user's directory, or generated camera-like shapes scenes (JPEG)."""
+    import cv2
+
+    if images is not None:
+        from cvdeploy.cli.predict import collect_images
+
+        files = collect_images([images])[:n]
+        return [f.read_bytes() for f in files]
+    from cvdeploy.demo.shapes import ShapesConfig, iter_scenes
+
+    out = []
+    for scene in iter_scenes(2024, "test", n, ShapesConfig(min_side=320, max_side=640)):
+        _, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        out.append(buf.tobytes())
+    return out
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+@bench_app.command("run")
+def run(
+    bundle: Path = typer.Argument(..., help="A bundle directory or an Ultralytics .onnx file."),
+    variant: str | None = typer.Option(None, help="Variant to measure (default: the bundle's default)."),
+    batch: str = typer.Option("1", help="Batch sizes, comma-separated, e.g. 1,4,8."),
+    concurrency: str = typer.Option("1,4", help="Requests in flight; 1 is sequential, more is pipelined (async)."),
+    imgsz: str | None = typer.Option(None, help="Input sizes, comma-separated (dynamic models only; default: the bundle's)."),
+    threads: str = typer.Option("0", help="ONNX Runtime intra-op threads, comma-separated (0: its default)."),
+    iterations: int | None = typer.Option(None, min=1, help="Measured requests per configuration (default 30)."),
+    duration: float | None = typer.Option(None, min=0.1, help="Measure each configuration for this many seconds instead."),
+    warmup: int = typer.Option(3, min=0, help="Calls before measuring; reported apart, never in the percentiles."),
+    images: Path | None = typer.Option(None, help="Directory of images to feed (default: 16 generated JPEGs)."),
+    engine: bool = typer.Option(True, "--engine/--no-engine", help="Also time the engine alone (the raw figure)."),
+    profile: Path | None = typer.Option(None, help="Also profile ops (ONNX Runtime) and save the trace here (.json)."),
+    top: int = typer.Option(10, min=1, help="Rows in the op profile tables."),
+    as_json: Path | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),
+) -> None:
+    """Time BUNDLE end to end (JPEG bytes in, boxes out) and its engine alone, over a grid of settings."""
+    from cvdeploy.bench.harness import bench_engine, bench_pipelined, bench_sequential
+    from cvdeploy.bundle.environment import cpu_info
+    from cvdeploy.predict import Predictor
+    from cvdeploy.runtime.onnxruntime import OrtOptions
+
+    batches, concs = int_list(batch, "--batch"), int_list(concurrency, "--concurrency")
+    thread_list = int_list(threads, "--threads", minimum=0)
+    sizes: list[int | None] = list(int_list(imgsz, "--imgsz")) if imgsz else [None]
+    if iterations is None and duration is None:
+        iterations = 30
+    if iterations is not None and duration is not None:
+        raise fail("give --iterations or --duration, not both", 2)
+    data = bench_images(images)
+    if not data:
+        raise fail(f"no images in {images}")
+
+    plan = [(s, t, b, c) for s in sizes for t in thread_list for b in batches for c in concs]
+    steps = len(plan) + (len(sizes) * len(thread_list) * len(batches) if engine else 0)
+    rows: list[dict[str, Any]] = []
+    progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+    count = iterations if iterations is not None else None
+    with progress:
+        overall = progress.add_task("bench", total=steps)
+        for size in sizes:
+            for t in thread_list:
+                predictor = Predictor(bundle, variant, engine_options=OrtOptions(intra_op_threads=t), imgsz=size)
+                label = f"imgsz {predictor.spec.imgsz[0]} · threads {t or 'auto'}"
+                for b in batches:
+                    configs = [("engine", 1)] if engine else []
+                    configs += [("sequential" if c == 1 else "pipelined", c) for c in concs]
+                    for mode, c in configs:
+                        progress.update(overall, description=f"{label} · {mode} b{b} c{c}")
+                        inner = progress.add_task(f"  {mode}", total=count)
+                        kw = dict(batch=b, warmup=warmup, iterations=iterations, duration=duration,
+                                  on_step=lambda inner=inner: progress.advance(inner))
+                        if mode == "engine":
+                            res = bench_engine(predictor, data, **kw)
+                        elif mode == "sequential":
+                            res = bench_sequential(predictor, data, **kw)
+                        else:
+                            res = bench_pipelined(predictor, data, concurrency=c, **kw)
+                        progress.remove_task(inner)
+                        progress.advance(overall)
+                        rows.append({"imgsz": predictor.spec.imgsz[0], "threads": t, **res.to_dict()})
+                model_name, variant_name, provider = predictor.bundle.name, predictor.variant, predictor.engine.provider
+                predictor.close()
+
+    console.print(results_tables(rows, f"{model_name} · {variant_name} · {provider}"))
+    console.print("warmup calls (1st ms: the first of them) are excluded from every percentile", style="dim")
+    ratios = pipelining_ratios(rows)
+    for key, ratio in ratios.items():
+        console.print(f"pipelined / sequential throughput ({key}): [bold]{ratio:.2f}x[/]")
+
+    report: dict[str, Any] = {"bundle": str(bundle), "model": model_name, "variant": variant_name, "provider": provider,
+                              "machine": {"python": platform.python_version(), "cpu": cpu_info()}, "results": rows,
+                              "pipelined_over_sequential": ratios}
+    if profile is not None:
+        report["profile"] = _profile(bundle, variant, data, sizes[0], top, profile)
+    if as_json is not None:
+        as_json.parent.mkdir(parents=True, exist_ok=True)
+        as_json.write_text(json.dumps(report, indent=2))
+        console.print(f"figures written to {as_json}")
+
+
+def results_tables(rows: list[dict[str, Any]], title: str) -> Any:
+    """Two tables: latency, throughput and resources; then the p50 time of each stage."""
+    from rich.console import Group
+
+    key_cols = ("mode", "size", "thr", "b", "c")
+    lat = Table(title=title, title_style="bold")
+    stages = Table(title="stages, p50 ms per request", title_style="bold")
+    for col in (*key_cols, "p50 ms", "p90 ms", "p99 ms", "img/s", "1st ms", "cpu %", "rss MB"):
+        lat.add_column(col, justify="left" if col == "mode" else "right")
+    for col in (*key_cols, "decode", "pre", "queue", "infer", "post"):
+        stages.add_column(col, justify="left" if col == "mode" else "right")
+    for r in rows:
+        key = (r["mode"], str(r["imgsz"]), str(r["threads"] or "auto"), str(r["batch"]), str(r["concurrency"]))
+        q = r["latency_ms"]
+        lat.add_row(*key, _fmt(q["p50"], 2), _fmt(q["p90"], 2), _fmt(q["p99"], 2), _fmt(r["throughput_ips"]),
+                    _fmt(r["warmup"]["first_ms"]), _fmt(r["cpu_percent"], 0), _fmt(r["peak_rss_mb"], 0))
+        st = r["stages_ms"]
+        stages.add_row(*key, *(_fmt(st[k]["p50"], 2) if k in st else "-" for k in ("decode", "preprocess", "queue", "infer", "postprocess")))
+    return Group(lat, stages)
+
+
+def pipelining_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Throughput of each pipelined row over the sequential row of the same size, threads and batch."""
+    seq = {(r["imgsz"], r["threads"], r["batch"]): r["throughput_ips"] for r in rows if r["mode"] == "sequential"}
+    out = {}
+    for r in rows:
+        base = seq.get((r["imgsz"], r["threads"], r["batch"]))
+        if r["mode"] == "pipelined" and base:
+            out[f"imgsz {r['imgsz']}, threads {r['threads'] or 'auto'}, batch {r['batch']}, c{r['concurrency']}"] = round(
+                r["throughput_ips"] / base, 3)
+    return out
+
+
+def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | None, top: int, trace: Path) -> dict[str, Any]:
+    from cvdeploy.bench.profile import profile_onnx
+    from cvdeploy.predict import Predictor
+    from cvdeploy.vision.image import load_image
+
+    with console.status("profiling ops (ONNX Runtime profiler)"):
+        predictor = Predictor(bundle, variant, imgsz=size)
+        tensor, _ = predictor.preprocess([load_image(data[0])])
+        path = predictor.bundle.variant_path(predictor.variant)
+        feeds = {predictor.engine.inputs[0].name: tensor}
+        predictor.close()
+        prof = profile_onnx(path, feeds, trace_out=trace)
+    nodes, ops = prof.top(top)
+    head = f"{prof.node_ms_per_run:.2f} ms of kernel time per run, {prof.runs} runs"
+    t = Table(title=f"slowest nodes · {head}", title_style="bold")
+    for col in ("node", "op", "ms/run", "share"):
+        t.add_column(col, justify="left" if col in ("node", "op") else "right")
+    for n in nodes:
+        t.add_row(n.name, n.op_type, f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%")
+    console.print(t)
+    t = Table(title=f"op types · {head}", title_style="bold")
+    for col in ("op type", "nodes", "ms/run", "share"):
+        t.add_column(col, justify="left" if col == "op type" else "right")
+    for n in ops:
+        t.add_row(n.op_type, str(n.calls), f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%")
+    console.print(t)
+    console.print(f"trace: {trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return prof.to_dict(top)
+
+
+@bench_app.command("tune")
+def tune_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle directory (the winner is stored in its manifest)."),
+    variant: str | None = typer.Option(None, help="Variant to tune (default: the bundle's default)."),
+    batch: int = typer.Option(1, min=1, help="Batch size to tune for."),
+    concurrency: int = typer.Option(1, min=1, help="Requests in flight to tune for (1: latency; more: throughput)."),
+    rounds: int = typer.Option(5, min=1, help="Interleaved rounds over all candidates."),
+    per_round: int = typer.Option(3, min=1, help="Timed runs per candidate per round."),
+    images: Path | None = typer.Option(None, help="Directory of images to feed (default: generated JPEGs)."),
+    save: bool = typer.Option(True, "--save/--dry-run", help="Store the winner in the bundle (or only print it)."),
+    as_json: Path | None = typer.Option(None, "--json", help="Write every trial to this JSON file."),
+) -> None:
+    """Search ONNX Runtime threads, execution mode and graph optimization for the fastest setting here."""
+    from cvdeploy.bench.tune import describe, hint_from, tune
+    from cvdeploy.bundle.environment import cpu_info
+    from cvdeploy.predict import Predictor
+    from cvdeploy.vision.image import load_image
+
+    predictor = Predictor(bundle, variant)
+    if save and predictor.bundle.root is None:
+        raise fail(f"{bundle} is a plain .onnx file: build a bundle to store settings, or pass --dry-run")
+    data = bench_images(images, n=batch)
+    tensor, _ = predictor.preprocess([load_image(data[k % len(data)]) for k in range(batch)])
+    path, name = predictor.bundle.variant_path(predictor.variant), predictor.variant
+    predictor.close()
+    with console.status("tuning") as status:
+        result = tune(path, tensor, concurrency=concurrency, rounds=rounds, per_round=per_round,
+                      on_step=lambda s: status.update(f"tuning · {s}"))
+    table = Table(title=f"{predictor.bundle.name} · {name} · batch {batch} · concurrency {concurrency}", title_style="bold")
+    for col in ("#", "settings", "median ms / request", "vs default"):
+        table.add_column(col, justify="left" if col == "settings" else "right")
+    shown = [(k, t) for k, t in enumerate(result.trials, 1) if k <= 10 or t is result.default]  # the default always shows
+    for k, t in shown:
+        table.add_row(str(k), describe(t.options) + ("  (default)" if t is result.default else ""), f"{t.median_ms:.2f}",
+                      f"{result.default.median_ms / t.median_ms:.2f}x")
+    console.print(table)
+    console.print(f"best: [bold]{describe(result.best.options)}[/], {result.best.median_ms:.2f} ms against "
+                  f"{result.default.median_ms:.2f} ms with ONNX Runtime's defaults ({result.speedup:.2f}x), "
+                  f"{len(result.trials)} candidates", highlight=False)
+    hint = hint_from(result, name, batch=batch, concurrency=concurrency, cpu=str(cpu_info().get("model", "")))
+    if save:
+        b = predictor.bundle
+        b.manifest.runtime = [h for h in b.manifest.runtime if h.variant != name] + [hint]
+        b.save_manifest()
+        console.print(f"stored in {b.root / 'manifest.json'}: the Predictor and the server now use it for {name}")
+    if as_json is not None:
+        as_json.parent.mkdir(parents=True, exist_ok=True)
+        as_json.write_text(json.dumps({"hint": hint.model_dump(mode="json"), "trials": [t.to_dict() for t in result.trials],
+                                       "default": result.default.to_dict(), "speedup": round(result.speedup, 3)}, indent=2))
