@@ -188,6 +188,7 @@ def test_bench_tune_stores_the_winner(demo_bundle: Path, tmp_path: Path) -> None
     hints = json.loads((b / "manifest.json").read_text())["runtime"]
     assert len(hints) == 1 and hints[0]["variant"] == "onnx-fp32"
     assert json.loads((tmp_path / "tune.json").read_text())["hint"] == hints[0]
+    assert "tuned engine settings for onnx-fp32" in run("info", b).stdout
     dry = run("bench", "tune", demo_bundle, "--rounds", "1", "--per-round", "1", "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert json.loads((demo_bundle / "manifest.json").read_text())["runtime"] == []  # --dry-run writes nothing
