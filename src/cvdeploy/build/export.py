@@ -33,6 +33,7 @@ from cvdeploy.bundle.manifest import (
     Variant,
 )
 from cvdeploy.errors import BundleError, CvdeployError, InputError, MissingDependencyError, ModelFormatError
+from cvdeploy.evaluate.parity import compare_outputs
 from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
 from cvdeploy.vision.image import load_image
 from cvdeploy.vision.letterbox import letterbox, to_tensor
@@ -89,29 +90,6 @@ def golden_tensors(imgs: Sequence[np.ndarray], pre: PreprocessSpec) -> list[tupl
         batch = [letterbox(im, spec, auto=False)[0] for im in imgs[:2]]
         cases.append((to_tensor(batch, spec), "images 0-1 as a batch of 2, square letterbox"))
     return cases
-
-
-def compare_outputs(
-    got: dict[str, np.ndarray], ref: dict[str, np.ndarray], *, task: str, nc: int
-) -> dict[str, OutputParity]:
-    """Per-output differences; for detect, class scores and boxes are also reported apart."""
-    out = {}
-    for name, r in ref.items():
-        if name not in got:
-            raise BundleError(f"parity: the variant has no output {name!r} (it has {', '.join(got)})")
-        g = got[name].astype(np.float64)
-        r64 = r.astype(np.float64)
-        if g.shape != r64.shape:
-            raise BundleError(f"parity: output {name!r} has shape {g.shape}, the source gives {r64.shape}")
-        diff = np.abs(g - r64)
-        rel = diff / np.maximum(np.abs(r64), 1e-6)
-        report = OutputParity(max_abs=float(diff.max(initial=0)), mean_abs=float(diff.mean()) if diff.size else 0.0,
-                              max_rel=float(rel.max(initial=0)))
-        if task == "detect" and g.ndim == 3 and g.shape[1] == 4 + nc:
-            report.max_abs_boxes = float(diff[:, :4].max(initial=0))
-            report.max_abs_scores = float(diff[:, 4:].max(initial=0))
-        out[name] = report
-    return out
 
 
 def _max_or_none(values) -> float | None:

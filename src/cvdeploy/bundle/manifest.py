@@ -78,7 +78,8 @@ class Variant(_Model):
     sha256: str
     size_bytes: int
     parity: ParityReport | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)  # map50_95, map50, latency_ms_b1, box_agreement, ...
+    quantization: dict[str, object] | None = None  # INT8: types, calibration, nodes kept in float, and why
 
 
 class RuntimeHint(_Model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -35,16 +36,7 @@ def info(
     console.print(f"preprocess: letterbox to {pre.imgsz[0]}x{pre.imgsz[1]} (stride {pre.stride}, pad {pre.pad_value}, "
                   f"rect={pre.rect}), {pre.channel_order}, /{pre.scale:g}; postprocess: conf {m.postprocess.conf}, "
                   f"iou {m.postprocess.iou}, max_det {m.postprocess.max_det}", highlight=False)
-    table = Table(title="variants")
-    for col in ("variant", "format", "precision", "size", "sha256", "max |Δ| scores", "default"):
-        table.add_column(col)
-    for name, v in m.variants.items():
-        parity = "-"
-        if v.parity:
-            worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values())
-            parity = f"{worst:.1e} {'ok' if v.parity.passed else 'FAIL'}"
-        table.add_row(name, v.format, v.precision, _size(v.size_bytes), v.sha256[:12], parity, "*" if name == m.default_variant else "")
-    console.print(table)
+    console.print(variants_table(m))
     refs = {v.parity.reference for v in m.variants.values() if v.parity}
     if refs:
         console.print(f"parity measured against: {', '.join(sorted(refs))} on the golden inputs", highlight=False)
@@ -62,3 +54,24 @@ def info(
         pk = env.get("packages", {})
         console.print(f"built on: Python {env.get('python')}, {cpu.get('model')} (flags: {' '.join(cpu.get('flags', [])) or '-'}); "
                       + ", ".join(f"{k} {v}" for k, v in pk.items()), highlight=False)
+
+
+def variants_table(m: Any) -> Table:
+    """One row per variant: size, accuracy on the controlled set, latency, parity with the source."""
+    table = Table(title="variants")
+    for col in ("variant", "engine", "size", "mAP50-95", "drop pts", "ms b1", "vs fp32", "max |Δ| scores", "sha256", "default"):
+        table.add_column(col, justify="left" if col in ("variant", "engine", "sha256") else "right")
+    for name, v in m.variants.items():
+        parity = "-"
+        if v.parity:
+            worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values())
+            parity = f"{worst:.1e} {'ok' if v.parity.passed else 'FAIL'}"
+        mt = v.metrics
+
+        def fmt(key: str, spec: str, mt: dict = mt) -> str:
+            return format(mt[key], spec) if key in mt else "-"
+
+        table.add_row(name, v.engine, _size(v.size_bytes), fmt("map50_95", ".4f"), fmt("map50_95_drop_points", ".2f"),
+                      fmt("latency_ms_b1", ".2f"), fmt("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in mt else ""),
+                      parity, v.sha256[:12], "*" if name == m.default_variant else "")
+    return table

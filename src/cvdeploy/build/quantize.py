@@ -1,0 +1,149 @@
+"""Reduced-precision variants of an ONNX FP32 model: FP16 and static INT8 (QDQ) for ONNX Runtime.
+
+Neither function decides whether its result is good enough: `cvdeploy.build.variants` verifies
+every variant (parity on the golden inputs, mAP on the controlled set) before it enters a bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvdeploy.errors import InputError, MissingDependencyError, ModelFormatError
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as e:
+        raise MissingDependencyError("onnx", "build", "making FP16 or INT8 variants") from e
+    return onnx
+
+
+# -- which nodes stay in float ------------------------------------------------------------------
+
+_MODULE = re.compile(r"^/model\.(\d+)/")
+
+
+def head_float_nodes(model: Any) -> list[str]:
+    """The YOLO detect head's decoding: DFL, box arithmetic, sigmoid and the final concat.
+
+    Its pixel-valued boxes and 0-1 scores end in one tensor; one INT8 scale for both would wipe
+    the scores out. The head's convolutions (cv2/cv3 branches) are left to be quantized: they
+    hold most of its compute and quantize well.
+    """
+    indices = [int(m.group(1)) for n in model.graph.node if (m := _MODULE.match(n.name))]
+    if not indices:
+        raise ModelFormatError("this ONNX graph has no Ultralytics node names (/model.N/...); cannot find its head")
+    head = f"/model.{max(indices)}/"
+    return [n.name for n in model.graph.node
+            if n.name.startswith(head) and not re.match(re.escape(head) + r"(cv2|cv3|one2one_cv2|one2one_cv3)\.", n.name)]
+
+
+# -- the INT8 recipe for this CPU ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """Types and options of a static INT8 quantization, with the reason they were chosen."""
+
+    activation_type: str  # "uint8" or "int8"
+    weight_type: str  # "int8"
+    reduce_range: bool
+    per_channel: bool
+    calib_method: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recipe_for_cpu(cpu_flags: Iterable[str], calib_method: str = "minmax", per_channel: bool = True) -> Int8Recipe:
+    """ONNX Runtime's guidance on x86-64: S8S8 QDQ with VNNI; without VNNI, U8S8 with 7-bit weights.
+
+    Without VNNI the AVX2 kernel (vpmaddubsw) adds pairs of u8*s8 products into int16 and can
+    saturate; reducing the weight range to 7 bits avoids it.
+    """
+    if calib_method not in CALIB_METHODS:
+        raise InputError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
+    flags = set(cpu_flags)
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return Int8Recipe("int8", "int8", False, per_channel, calib_method, "CPU has VNNI: S8S8, full 8-bit weights")
+    if flags & {"asimddp", "neon", "asimd"}:
+        return Int8Recipe("uint8", "int8", False, per_channel, calib_method, "Arm CPU: U8S8, full 8-bit weights")
+    return Int8Recipe("uint8", "int8", True, per_channel, calib_method,
+                      "x86-64 without VNNI: U8S8 with 7-bit weights (reduce_range) against int16 saturation")
+
+
+# -- conversions ---------------------------------------------------------------------------------
+
+
+class _Calibration:
+    """ONNX Runtime CalibrationDataReader over tensors already preprocessed by the bundle's spec."""
+
+    def __init__(self, input_name: str, tensors: Sequence[np.ndarray]) -> None:
+        self.input_name = input_name
+        self._tensors = tensors
+        self._it: Iterator[np.ndarray] = iter(tensors)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        t = next(self._it, None)
+        return None if t is None else {self.input_name: t}
+
+    def rewind(self) -> None:
+        self._it = iter(self._tensors)
+
+
+def quantize_int8(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    calibration: Sequence[np.ndarray],
+    recipe: Int8Recipe,
+    *,
+    float_nodes: Sequence[str] = (),
+) -> None:
+    """Static QDQ quantization of `src` to `dst`, calibrated on `calibration` (NCHW float32, one image each).
+
+    `float_nodes` are kept in float (no QDQ pair around them).
+    """
+    onnx = _onnx()
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not calibration:
+        raise InputError("INT8 calibration needs at least one image")
+    model = onnx.load(str(src))
+    input_name = model.graph.input[0].name
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[recipe.calib_method]
+    with tempfile.TemporaryDirectory(prefix="cvdeploy-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(dst), _Calibration(input_name, calibration),
+            quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+            activation_type=types[recipe.activation_type], weight_type=types[recipe.weight_type],
+            calibrate_method=method, nodes_to_exclude=list(float_nodes),
+            extra_options={"ActivationSymmetric": recipe.activation_type == "int8", "WeightSymmetric": True},
+        )
+
+
+def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Weights and activations in FP16; the graph's inputs and outputs stay FP32."""
+    onnx = _onnx()
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    # Resize's scales and Range's arguments must stay float: ONNX Runtime has no fp16 kernels for them on CPU.
+    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=["Resize", "Range"])
+    onnx.save(half, str(dst))

@@ -1,0 +1,160 @@
+"""Optimized variants: made, verified against the source, written with their figures, or refused with a reason."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cvdeploy.build.variants import add_variants
+from cvdeploy.bundle.bundle import Bundle
+from cvdeploy.bundle.manifest import Variant
+from cvdeploy.errors import BundleError, InputError
+from cvdeploy.evaluate.parity import box_agreement
+from cvdeploy.predict import Predictor, choose_variant
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small controlled set: train images calibrate INT8, val images check the mAP."""
+    from cvdeploy.demo.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("controlled"), n_train=24, n_val=40, seed=321)
+
+
+@pytest.fixture(scope="module")
+def with_variants(demo_bundle: Path, controlled: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    b = tmp_path_factory.mktemp("variants") / "v.cvd"
+    shutil.copytree(demo_bundle, b)
+    steps: list[tuple[str, str]] = []
+    outcomes = add_variants(b, ["onnx-fp16", "onnx-int8"], data=controlled, calib_images=16,
+                            on_step=lambda v, s: steps.append((v, s)))
+    return b, outcomes
+
+
+def test_fp16_and_int8_are_verified_and_written_with_their_figures(with_variants: tuple[Path, list]) -> None:
+    b, outcomes = with_variants
+    assert [(o.name, o.written) for o in outcomes] == [("onnx-fp32", True), ("onnx-fp16", True), ("onnx-int8", True)], \
+        [(o.name, o.reason, o.tried) for o in outcomes]
+    m = Bundle.load(b).manifest  # hashes of the new files hold
+    fp32, fp16, int8 = (m.variants[n] for n in ("onnx-fp32", "onnx-fp16", "onnx-int8"))
+    assert fp32.metrics["map50_95"] > 0.3  # the controlled set is one the demo model detects well
+    for v in (fp16, int8):
+        assert v.parity is not None and v.parity.passed
+        assert {"map50_95", "map50", "map50_95_drop_points", "latency_ms_b1", "box_agreement", "speedup_vs_fp32"} <= set(v.metrics)
+        assert v.metrics["map50_95_drop_points"] <= 1.0  # the default budget held
+        assert (b / v.file).is_file()
+    assert fp16.precision == "fp16" and fp16.parity.outputs["output0"].max_abs_scores < 1e-2
+    assert int8.precision == "int8" and int8.size_bytes < 0.4 * fp32.size_bytes
+    q = int8.quantization
+    assert q["head_in_float"] is True and q["calib_images"] == 16 and q["float_nodes"] > 0 and q["reason"]
+    assert not list((b / "variants").glob(".*"))  # no temporary file left behind
+
+
+def test_variants_run_in_the_predictor_and_agree_with_fp32(with_variants: tuple[Path, list], controlled: Path) -> None:
+    b, _ = with_variants
+    image = sorted((controlled.parent / "images" / "val").glob("*.jpg"))[0]
+    ref = Predictor(b, "onnx-fp32").predict(image)
+    for name in ("onnx-fp16", "onnx-int8"):
+        got = Predictor(b, name).predict(image)
+        assert got.detections.class_id.tolist() == ref.detections.class_id.tolist() or len(ref.detections) == 0
+
+
+def test_tampered_variant_is_refused_naming_it(with_variants: tuple[Path, list], tmp_path: Path) -> None:
+    b, _ = with_variants
+    copy = tmp_path / "t.cvd"
+    shutil.copytree(b, copy)
+    f = copy / "variants" / "onnx-int8.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"variant 'onnx-int8' file variants/onnx-int8.onnx does not match"):
+        Bundle.load(copy)
+
+
+def test_quantizing_the_head_is_caught_and_repaired_or_refused(demo_bundle: Path, controlled: Path, tmp_path: Path) -> None:
+    b = tmp_path / "h.cvd"
+    shutil.copytree(demo_bundle, b)
+    (broken,) = [o for o in add_variants(b, ["onnx-int8"], data=controlled, calib_images=8, quantize_head=True, repair_rounds=0)
+                 if o.name == "onnx-int8"]
+    assert not broken.written and ("scores" in broken.reason or "mAP50-95 drops" in broken.reason or "boxes" in broken.reason)
+    assert "onnx-int8" not in Bundle.load(b).manifest.variants and not (b / "variants" / "onnx-int8.onnx").exists()
+    (repaired,) = [o for o in add_variants(b, ["onnx-int8"], data=controlled, calib_images=8, quantize_head=True, repair_rounds=3,
+                                           layers_per_round=8) if o.name == "onnx-int8"]
+    assert len(repaired.tried) >= 2 and "round 1" in repaired.tried[1]  # the guard moved layers back to float and retried
+    if repaired.written:
+        assert repaired.variant.metrics["map50_95_drop_points"] <= 1.0
+    else:
+        assert repaired.reason and len(repaired.tried) == 4
+
+
+def test_bad_requests(demo_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="unknown variant"):
+        add_variants(demo_bundle, ["openvino-int8"])
+    with pytest.raises(InputError, match="needs --data"):
+        add_variants(demo_bundle, ["onnx-int8"])
+
+
+def test_box_agreement() -> None:
+    import numpy as np
+
+    out = np.zeros((4 + 2, 3), np.float32)
+    out[:4, 0] = [50, 50, 20, 20]
+    out[4, 0] = 0.9
+    out[:4, 1] = [150, 150, 20, 20]
+    out[5, 1] = 0.8
+    assert box_agreement(out, out) == 1.0
+    moved = out.copy()
+    moved[0, 1] += 15  # one box shifted by most of its width
+    assert box_agreement(out, moved) == 0.5
+    assert box_agreement(np.zeros_like(out), np.zeros_like(out)) == 1.0
+
+
+def test_the_predictor_picks_a_clearly_faster_verified_variant(demo_bundle: Path) -> None:
+    b = Bundle.load(demo_bundle)
+    m = b.manifest.model_copy(deep=True)
+    fp32 = m.variants["onnx-fp32"]
+    fp32.metrics["latency_ms_b1"] = 10.0
+    m.variants["onnx-int8"] = Variant(file=fp32.file, precision="int8", sha256=fp32.sha256, size_bytes=1, parity=fp32.parity,
+                                      metrics={"latency_ms_b1": 9.5})
+    m.variants["onnx-fp16"] = Variant(file=fp32.file, precision="fp16", sha256=fp32.sha256, size_bytes=1, parity=fp32.parity,
+                                      metrics={"latency_ms_b1": 1.0})
+    bb = Bundle(m, b.root)
+    assert choose_variant(bb, ["CPUExecutionProvider"]) == "onnx-fp32"  # 5 % faster is noise; fp16 is for GPUs
+    m.variants["onnx-int8"].metrics["latency_ms_b1"] = 6.0
+    assert choose_variant(bb, ["CPUExecutionProvider"]) == "onnx-int8"
+    assert choose_variant(bb, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "onnx-fp16"
+    assert Predictor(bb).variant == "onnx-int8"
+
+
+def test_verify_passes_then_names_what_drifted(with_variants: tuple[Path, list], controlled: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    b, _ = with_variants
+    copy = tmp_path / "c.cvd"
+    shutil.copytree(b, copy)
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "cvdeploy", "verify", str(copy), *extra], capture_output=True, text=True,
+                              env={**__import__("os").environ, "COLUMNS": "200"}, timeout=600)
+
+    ok = verify("--data", str(controlled), "--json", str(tmp_path / "v.json"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "verified: 3 variant(s)" in ok.stdout
+    assert all(c["ok"] for c in json.loads((tmp_path / "v.json").read_text()))
+
+    m = json.loads((copy / "manifest.json").read_text())  # the int8 figure recorded at build is now 5 points better
+    m["variants"]["onnx-int8"]["metrics"]["map50_95"] += 0.05
+    (copy / "manifest.json").write_text(json.dumps(m))
+    drifted = verify("--data", str(controlled))
+    assert drifted.returncode == 1 and "DRIFTED" in drifted.stdout
+    assert "onnx-int8: mAP50-95" in drifted.stdout and "points below" in drifted.stdout
+    assert drifted.stderr.strip() == "error: 1 of 3 variant(s) drifted: onnx-int8"
+
+    f = copy / "variants" / "onnx-fp16.onnx"
+    f.write_bytes(f.read_bytes()[:-10])
+    tampered = verify()
+    assert tampered.returncode == 1 and "variant 'onnx-fp16'" in tampered.stderr and "Traceback" not in tampered.stderr
