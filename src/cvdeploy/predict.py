@@ -14,7 +14,8 @@ import numpy as np
 
 from cvdeploy.bundle import Bundle
 from cvdeploy.errors import InputError
-from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
+from cvdeploy.runtime import open_engine
+from cvdeploy.runtime.onnxruntime import OrtOptions
 from cvdeploy.vision.image import DecodeLimits, ImageSource, load_image
 from cvdeploy.vision.letterbox import LetterboxParams, LetterboxSpec, preprocess
 from cvdeploy.vision.postprocess import DetectOptions, decode_detect_batch
@@ -58,7 +59,8 @@ class Predictor:
         if engine_options is None and (hint := self.bundle.runtime_hint(self.variant)) is not None:
             engine_options = OrtOptions(intra_op_threads=hint.intra_op_threads, inter_op_threads=hint.inter_op_threads,
                                         execution_mode=hint.execution_mode, graph_optimization=hint.graph_optimization)
-        self.engine = OrtEngine(self.bundle.variant_path(self.variant), engine_options or OrtOptions())
+        kind = m.variants[self.variant].engine if self.variant in m.variants else "onnxruntime"
+        self.engine = open_engine(self.bundle.variant_path(self.variant), kind, engine_options)
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         inp = self.engine.inputs[0]

@@ -28,19 +28,21 @@ def with_variants(demo_bundle: Path, controlled: Path, tmp_path_factory: pytest.
     b = tmp_path_factory.mktemp("variants") / "v.cvd"
     shutil.copytree(demo_bundle, b)
     steps: list[tuple[str, str]] = []
-    outcomes = add_variants(b, ["onnx-fp16", "onnx-int8"], data=controlled, calib_images=16,
+    outcomes = add_variants(b, ["onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-int8"], data=controlled, calib_images=16,
                             on_step=lambda v, s: steps.append((v, s)))
     return b, outcomes
 
 
-def test_fp16_and_int8_are_verified_and_written_with_their_figures(with_variants: tuple[Path, list]) -> None:
+ALL = ["onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-int8"]
+
+
+def test_every_variant_is_verified_and_written_with_its_figures(with_variants: tuple[Path, list]) -> None:
     b, outcomes = with_variants
-    assert [(o.name, o.written) for o in outcomes] == [("onnx-fp32", True), ("onnx-fp16", True), ("onnx-int8", True)], \
-        [(o.name, o.reason, o.tried) for o in outcomes]
+    assert [(o.name, o.written) for o in outcomes] == [(n, True) for n in ALL], [(o.name, o.reason, o.tried) for o in outcomes]
     m = Bundle.load(b).manifest  # hashes of the new files hold
-    fp32, fp16, int8 = (m.variants[n] for n in ("onnx-fp32", "onnx-fp16", "onnx-int8"))
-    assert fp32.metrics["map50_95"] > 0.3  # the controlled set is one the demo model detects well
-    for v in (fp16, int8):
+    fp32, fp16, int8, ov32, ov8 = (m.variants[n] for n in ALL)
+    assert fp32.metrics["map50_95"] > 0.3 and fp32.metrics["latency_ms_b1"] > 0  # a set the demo model detects well
+    for v in (fp16, int8, ov32, ov8):
         assert v.parity is not None and v.parity.passed
         assert {"map50_95", "map50", "map50_95_drop_points", "latency_ms_b1", "box_agreement", "speedup_vs_fp32"} <= set(v.metrics)
         assert v.metrics["map50_95_drop_points"] <= 1.0  # the default budget held
@@ -49,14 +51,18 @@ def test_fp16_and_int8_are_verified_and_written_with_their_figures(with_variants
     assert int8.precision == "int8" and int8.size_bytes < 0.4 * fp32.size_bytes
     q = int8.quantization
     assert q["head_in_float"] is True and q["calib_images"] == 16 and q["float_nodes"] > 0 and q["reason"]
-    assert not list((b / "variants").glob(".*"))  # no temporary file left behind
+    assert ov32.engine == ov8.engine == "openvino" and ov32.file == "variants/openvino-fp32/model.xml"
+    assert list(ov8.companions) == ["variants/openvino-int8/model.bin"] and ov8.quantization["tool"] == "nncf"
+    assert ov32.parity.outputs["output0"].max_abs_scores < 1e-3  # the IR computes what the ONNX model does
+    assert sorted(p.name for p in (b / "variants").iterdir()) == ["onnx-fp16.onnx", "onnx-fp32.onnx", "onnx-int8.onnx",
+                                                                  "openvino-fp32", "openvino-int8"]  # nothing else left behind
 
 
 def test_variants_run_in_the_predictor_and_agree_with_fp32(with_variants: tuple[Path, list], controlled: Path) -> None:
     b, _ = with_variants
     image = sorted((controlled.parent / "images" / "val").glob("*.jpg"))[0]
     ref = Predictor(b, "onnx-fp32").predict(image)
-    for name in ("onnx-fp16", "onnx-int8"):
+    for name in ALL[1:]:
         got = Predictor(b, name).predict(image)
         assert got.detections.class_id.tolist() == ref.detections.class_id.tolist() or len(ref.detections) == 0
 
@@ -70,6 +76,11 @@ def test_tampered_variant_is_refused_naming_it(with_variants: tuple[Path, list],
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"variant 'onnx-int8' file variants/onnx-int8.onnx does not match"):
+        Bundle.load(copy)
+    shutil.copyfile(b / "variants" / "onnx-int8.onnx", f)
+    weights = copy / "variants" / "openvino-int8" / "model.bin"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(BundleError, match=r"variant 'openvino-int8' file variants/openvino-int8/model.bin does not match"):
         Bundle.load(copy)
 
 
@@ -91,6 +102,8 @@ def test_quantizing_the_head_is_caught_and_repaired_or_refused(demo_bundle: Path
 
 def test_bad_requests(demo_bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="unknown variant"):
+        add_variants(demo_bundle, ["tflite-int8"])
+    with pytest.raises(InputError, match="openvino-int8 needs --data"):
         add_variants(demo_bundle, ["openvino-int8"])
     with pytest.raises(InputError, match="needs --data"):
         add_variants(demo_bundle, ["onnx-int8"])
@@ -143,7 +156,7 @@ def test_verify_passes_then_names_what_drifted(with_variants: tuple[Path, list],
 
     ok = verify("--data", str(controlled), "--json", str(tmp_path / "v.json"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "verified: 3 variant(s)" in ok.stdout
+    assert "verified: 5 variant(s)" in ok.stdout
     assert all(c["ok"] for c in json.loads((tmp_path / "v.json").read_text()))
 
     m = json.loads((copy / "manifest.json").read_text())  # the int8 figure recorded at build is now 5 points better
@@ -152,7 +165,7 @@ def test_verify_passes_then_names_what_drifted(with_variants: tuple[Path, list],
     drifted = verify("--data", str(controlled))
     assert drifted.returncode == 1 and "DRIFTED" in drifted.stdout
     assert "onnx-int8: mAP50-95" in drifted.stdout and "points below" in drifted.stdout
-    assert drifted.stderr.strip() == "error: 1 of 3 variant(s) drifted: onnx-int8"
+    assert drifted.stderr.strip() == "error: 1 of 5 variant(s) drifted: onnx-int8"
 
     f = copy / "variants" / "onnx-fp16.onnx"
     f.write_bytes(f.read_bytes()[:-10])

@@ -14,6 +14,7 @@ is refused with what was tried.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -27,9 +28,10 @@ from cvdeploy.bundle.environment import cpu_info
 from cvdeploy.bundle.manifest import Variant
 from cvdeploy.errors import BundleError, InputError
 from cvdeploy.evaluate.parity import golden_check
-from cvdeploy.runtime.onnxruntime import OrtEngine
 
 ONNX_VARIANTS = {"onnx-fp32": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}
+OPENVINO_VARIANTS = {"openvino-fp32": "fp32", "openvino-int8": "int8"}
+ALL_VARIANTS = {**ONNX_VARIANTS, **OPENVINO_VARIANTS}
 
 
 def default_variants(have_data: bool) -> list[str]:
@@ -41,6 +43,13 @@ def default_variants(have_data: bool) -> list[str]:
         out.append("onnx-fp16")
     if have_data:
         out.append("onnx-int8")
+        try:
+            import nncf  # noqa: F401
+            import openvino  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            out.append("openvino-int8")
     return out
 
 
@@ -56,16 +65,6 @@ class Outcome:
 
 
 # -- measurements ----------------------------------------------------------------------------------
-
-
-def median_latency_ms(model: Path, tensor: np.ndarray, iterations: int = 20, warmup: int = 3) -> float:
-    from cvdeploy.bench.harness import measure
-
-    engine = OrtEngine(model)
-    feeds = {engine.inputs[0].name: tensor}
-    _, samples, _, _, _ = measure(lambda i: engine.run(feeds), warmup=warmup, iterations=iterations)
-    engine.close()
-    return float(np.median(samples))
 
 
 def _with_variant(bundle: Bundle, name: str, variant: Variant) -> Bundle:
@@ -139,6 +138,48 @@ def _producer_map(model_path: Path) -> dict[str, str]:
 # -- the public entry point -----------------------------------------------------------------------
 
 
+def _file_of(name: str) -> str:
+    return f"variants/{name}/model.xml" if name in OPENVINO_VARIANTS else f"variants/{name}.onnx"
+
+
+def _remove(root: Path, name: str) -> None:
+    target = root / "variants" / (name if name in OPENVINO_VARIANTS else f"{name}.onnx")
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+
+
+def _openvino(fp32: Path, out_xml: Path, calib: Sequence[np.ndarray] | None, float_head: bool) -> None:
+    """Convert the ONNX FP32 model to OpenVINO IR; with `calib`, quantize it to INT8 with NNCF."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        from cvdeploy.errors import MissingDependencyError
+
+        raise MissingDependencyError("openvino", "openvino", "building OpenVINO variants") from e
+    model = ov.convert_model(str(fp32))
+    if calib is not None:
+        try:
+            import nncf
+        except ImportError as e:
+            from cvdeploy.errors import MissingDependencyError
+
+            raise MissingDependencyError("nncf", "openvino", "building the openvino-int8 variant") from e
+        import onnx
+
+        from cvdeploy.build.quantize import head_float_nodes
+
+        # The same float scope as for ONNX Runtime: the head's decoding (every /model.N/ node outside its conv branches).
+        head = head_float_nodes(onnx.load(str(fp32), load_external_data=False)) if float_head else []
+        scope = nncf.IgnoredScope(patterns=[f"^{re.escape(n)}($|/)" for n in head],
+                                  types=["Sigmoid"] if float_head else [], validate=False)
+        model = nncf.quantize(model, nncf.Dataset(list(calib)), subset_size=len(calib), ignored_scope=scope,
+                              preset=nncf.QuantizationPreset.MIXED)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(out_xml), compress_to_fp16=False)
+
+
 def add_variants(
     bundle_path: str | os.PathLike[str],
     names: Sequence[str],
@@ -155,22 +196,25 @@ def add_variants(
     """Make, verify and add the variants `names` to the bundle at `bundle_path`; return what happened to each.
 
     `max_map_drop` is in mAP50-95 points (1.0 = 0.01). `quantize_head=True` quantizes the YOLO
-    head's decoding too (a bad idea, kept to show that the guard catches it).
+    head's decoding too (a bad idea, kept to show that the guard catches it). A variant already
+    in the bundle is rebuilt.
     """
     from cvdeploy.build.quantize import convert_fp16, head_float_nodes, quantize_int8, recipe_for_cpu
 
     step = on_step or (lambda _v, _s: None)
-    unknown = [n for n in names if n not in ONNX_VARIANTS]
+    unknown = [n for n in names if n not in ALL_VARIANTS]
     if unknown:
-        raise InputError(f"unknown variant(s) {', '.join(unknown)}; this release builds {', '.join(ONNX_VARIANTS)} "
-                         "(OpenVINO variants are not built yet)")
-    if "onnx-int8" in names and data is None:
-        raise InputError("onnx-int8 needs --data DATA.yaml: its images calibrate the quantization and its labels check the mAP")
+        raise InputError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
+    needs_data = [n for n in names if ALL_VARIANTS[n] == "int8"]
+    if needs_data and data is None:
+        raise InputError(f"{', '.join(needs_data)} needs --data DATA.yaml: its images calibrate the quantization and its labels "
+                         "check the mAP")
     if max_map_drop < 0:
         raise InputError(f"max-map-drop must be >= 0 points, got {max_map_drop}")
     bundle = Bundle.load(bundle_path)
     if bundle.root is None:
         raise InputError(f"{bundle_path} is a plain .onnx file; variants are added to a bundle directory")
+    root = bundle.root
     if "onnx-fp32" not in bundle.manifest.variants:
         raise BundleError(f"bundle {bundle.name!r} has no onnx-fp32 variant to derive variants from")
     fp32 = bundle.variant_path("onnx-fp32")
@@ -182,62 +226,71 @@ def add_variants(
 
     # The reference figures: the FP32 variant on this machine and the controlled set.
     base = manifest.variants["onnx-fp32"]
-    step("onnx-fp32", "latency")
-    base.metrics["latency_ms_b1"] = round(median_latency_ms(fp32, latency_input), 3)
     if data is not None:
         step("onnx-fp32", "mAP")
         base.metrics.update(map_of(bundle, "onnx-fp32", data))
+    bundle.save_manifest()
     outcomes = [Outcome("onnx-fp32", True, "reference", base)]
-    cpu = cpu_info()
+    recipe = recipe_for_cpu(cpu_info().get("flags", []), calib_method)
     calib: list[np.ndarray] = []
+    head_nodes: list[str] | None = None
 
-    for name in names:
+    for name in dict.fromkeys(names):  # keep the order, drop repeats
         if name == "onnx-fp32":
             continue
-        precision = ONNX_VARIANTS[name]
-        final = bundle.root / "variants" / f"{name}.onnx"
-        tmp = bundle.root / "variants" / f".{name}.tmp.onnx"
+        precision = ALL_VARIANTS[name]
+        kind = "openvino" if name in OPENVINO_VARIANTS else "onnxruntime"
+        if name in manifest.variants:  # rebuild: the old entry goes first, so that the bundle never lists a missing file
+            del manifest.variants[name]
+            manifest.runtime = [h for h in manifest.runtime if h.variant != name]
+            bundle.save_manifest()
+        _remove(root, name)
+        target = root / _file_of(name)
         outcome = Outcome(name, False, "")
-        try:
-            if precision == "fp16":
-                step(name, "convert")
-                convert_fp16(fp32, tmp)
-                float_nodes: list[str] = []
-            else:
-                if not calib:
-                    step(name, "calibration images")
-                    calib = calibration_tensors(bundle, data, calib_images)  # type: ignore[arg-type]
-                import onnx
+        outcomes.append(outcome)
+        if precision == "int8" and not calib:
+            step(name, "calibration images")
+            calib = calibration_tensors(bundle, data, calib_images)  # type: ignore[arg-type]
+        if head_nodes is None:
+            import onnx
 
-                recipe = recipe_for_cpu(cpu.get("flags", []), calib_method)
-                float_nodes = [] if quantize_head else head_float_nodes(onnx.load(str(fp32), load_external_data=False))
-                step(name, "quantize")
-                quantize_int8(fp32, tmp, calib, recipe, float_nodes=float_nodes)
+            head_nodes = head_float_nodes(onnx.load(str(fp32), load_external_data=False))
+        float_nodes: list[str] = [] if quantize_head or precision != "int8" else list(head_nodes)
+        try:
+            problem: str | None = None
             for round_ in range(repair_rounds + 1):
+                step(name, {"fp16": "convert", "fp32": "convert"}.get(precision, "quantize"))
+                if name == "onnx-fp16":
+                    convert_fp16(fp32, target)
+                elif name == "onnx-int8":
+                    quantize_int8(fp32, target, calib, recipe, float_nodes=float_nodes)
+                else:
+                    _openvino(fp32, target, calib if precision == "int8" else None, float_head=not quantize_head)
                 step(name, "golden parity")
-                parity, agreement, problem = golden_check(bundle, tmp, precision)
-                candidate = Variant(file=f"variants/{name}.onnx", format="onnx", precision=precision,  # type: ignore[arg-type]
-                                    engine="onnxruntime", sha256=sha256_file(tmp), size_bytes=tmp.stat().st_size, parity=parity)
+                parity, agreement, problem = golden_check(bundle, target, precision, engine_kind=kind)
+                companions = {} if kind == "onnxruntime" else {
+                    str(target.with_suffix(".bin").relative_to(root)): sha256_file(target.with_suffix(".bin"))}
+                candidate = Variant(file=_file_of(name), format="openvino" if kind == "openvino" else "onnx",  # type: ignore[arg-type]
+                                    precision=precision, engine=kind, sha256=sha256_file(target),  # type: ignore[arg-type]
+                                    size_bytes=sum(f.stat().st_size for f in [target, *(root / c for c in companions)]),
+                                    companions=companions, parity=parity)
                 metrics: dict[str, float] = {"box_agreement": round(agreement, 4)}
-                drop = None
                 if problem is None and data is not None:
                     step(name, "mAP")
-                    shutil.copyfile(tmp, final)  # the Predictor opens variants by their final path
-                    try:
-                        metrics.update(map_of(_with_variant(bundle, name, candidate), name, data))
-                    finally:
-                        final.unlink(missing_ok=True)
+                    metrics.update(map_of(_with_variant(bundle, name, candidate), name, data))
                     drop = 100.0 * (base.metrics["map50_95"] - metrics["map50_95"])
                     metrics["map50_95_drop_points"] = round(drop, 3)
                     if drop > max_map_drop:
                         problem = f"mAP50-95 drops by {drop:.2f} points (budget {max_map_drop:g})"
-                label = f"round {round_}: {len(float_nodes)} node(s) in float"
-                outcome.tried.append(f"{label}: " + ("ok" if problem is None else problem))
-                if problem is None or precision != "int8" or round_ == repair_rounds:
+                if precision == "int8":
+                    where = f"{len(float_nodes)} node(s) in float" if kind == "onnxruntime" else \
+                        ("head decoding in float" if not quantize_head else "head quantized too")
+                    outcome.tried.append(f"round {round_}: {where}: " + ("ok" if problem is None else problem))
+                if problem is None or name != "onnx-int8" or round_ == repair_rounds:
                     break
                 # Accuracy-aware repair: the worst-quantized tensors go back to float.
-                step(name, f"repair round {round_ + 1}: rank tensors by quantization noise")
-                noise = _quantization_noise(fp32, tmp, calib, manifest.input.name)
+                step(name, f"repair {round_ + 1}/{repair_rounds}: rank tensors by quantization noise")
+                noise = _quantization_noise(fp32, target, calib, manifest.input.name)
                 producer = _producer_map(fp32)
                 ordered: list[str] = []
                 for tensor, _ in sorted(noise.items(), key=lambda kv: kv[1]):  # lowest SQNR first
@@ -247,24 +300,52 @@ def add_variants(
                 if not ordered:
                     break
                 float_nodes = float_nodes + ordered[:layers_per_round]
-                step(name, "quantize")
-                quantize_int8(fp32, tmp, calib, recipe, float_nodes=float_nodes)
             if problem is not None:
                 outcome.reason = problem
+                _remove(root, name)
                 continue
-            step(name, "latency")
-            metrics["latency_ms_b1"] = round(median_latency_ms(tmp, latency_input), 3)
-            metrics["speedup_vs_fp32"] = round(base.metrics["latency_ms_b1"] / metrics["latency_ms_b1"], 3)
             candidate.metrics = metrics
             if precision == "int8":
-                candidate.quantization = {**recipe.to_dict(), "calib_images": len(calib), "float_nodes": len(float_nodes),
-                                          "head_in_float": not quantize_head}
-            os.replace(tmp, final)
+                candidate.quantization = {
+                    **(recipe.to_dict() if kind == "onnxruntime" else {"tool": "nncf", "preset": "mixed"}),
+                    "calib_images": len(calib), "head_in_float": not quantize_head,
+                    **({"float_nodes": len(float_nodes)} if kind == "onnxruntime" else {}),
+                }
             manifest.variants[name] = candidate
+            bundle.save_manifest()
             outcome.written, outcome.reason, outcome.variant = True, "verified", candidate
-        finally:
-            tmp.unlink(missing_ok=True)
-            outcomes.append(outcome)
-        bundle.save_manifest()
+        except BaseException:
+            _remove(root, name)
+            raise
+    step("all variants", "latency, interleaved")
+    latencies = interleaved_latency(bundle, list(manifest.variants), latency_input)
+    for n, ms in latencies.items():
+        manifest.variants[n].metrics["latency_ms_b1"] = round(ms, 3)
+        if n != "onnx-fp32":
+            manifest.variants[n].metrics["speedup_vs_fp32"] = round(latencies["onnx-fp32"] / ms, 3)
     bundle.save_manifest()
     return outcomes
+
+
+def interleaved_latency(bundle: Bundle, names: Sequence[str], tensor: np.ndarray, rounds: int = 6, per_round: int = 5,
+                        warmup: int = 3) -> dict[str, float]:
+    """Median batch-1 latency of each variant, timed in interleaved rounds so that machine noise hits all alike."""
+    import time
+
+    from cvdeploy.runtime import open_engine
+
+    engines = {n: open_engine(bundle.variant_path(n), bundle.manifest.variants[n].engine) for n in names}
+    feeds = {n: {e.inputs[0].name: tensor} for n, e in engines.items()}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for n, e in engines.items():
+        for _ in range(warmup):
+            e.run(feeds[n])
+    for _ in range(rounds):
+        for n, e in engines.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                e.run(feeds[n])
+                samples[n].append((time.perf_counter() - t0) * 1000.0)
+    for e in engines.values():
+        e.close()
+    return {n: float(np.median(v)) for n, v in samples.items()}

@@ -111,6 +111,7 @@ class Bundle:
         """Check every variant and golden file exists and has the sha256 the manifest records."""
         assert self.root is not None
         entries = [(f"variant {name!r}", v.file, v.sha256) for name, v in self.manifest.variants.items()]
+        entries += [(f"variant {name!r}", f, d) for name, v in self.manifest.variants.items() for f, d in v.companions.items()]
         entries += [("golden case", g.file, g.sha256) for g in self.manifest.golden]
         for what, rel, digest in entries:
             f = self._resolve(rel)

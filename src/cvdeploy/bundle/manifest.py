@@ -77,6 +77,7 @@ class Variant(_Model):
     engine: Literal["onnxruntime", "openvino"] = "onnxruntime"
     sha256: str
     size_bytes: int
+    companions: dict[str, str] = Field(default_factory=dict)  # other files of the variant (OpenVINO .bin) -> sha256
     parity: ParityReport | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # map50_95, map50, latency_ms_b1, box_agreement, ...
     quantization: dict[str, object] | None = None  # INT8: types, calibration, nodes kept in float, and why

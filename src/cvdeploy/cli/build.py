@@ -19,8 +19,8 @@ def build(
     images: Path | None = typer.Option(None, help="Directory of images for the golden cases (default: generated scenes)."),
     force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     variants: str | None = typer.Option(
-        None, help="Variants, comma-separated, from onnx-fp32, onnx-fp16, onnx-int8 (default: onnx-fp32, plus onnx-int8 "
-        "with --data on a CPU, plus onnx-fp16 where CUDA or TensorRT is present)."),
+        None, help="Variants, comma-separated, from onnx-fp32, onnx-fp16, onnx-int8, openvino-fp32, openvino-int8 (default: "
+        "onnx-fp32; with --data also onnx-int8, and openvino-int8 if OpenVINO is installed; onnx-fp16 where CUDA or TensorRT is present)."),
     data: Path | None = typer.Option(None, help="data.yaml of a controlled dataset: INT8 calibration (train split) and the mAP check (val split)."),
     calib_images: int = typer.Option(64, min=1, help="INT8 calibration images."),
     calib_method: str = typer.Option("minmax", help="INT8 calibration: minmax, entropy or percentile."),
@@ -32,15 +32,16 @@ def build(
     import time
 
     from cvdeploy.build import BUILD_STEPS, build_bundle
-    from cvdeploy.build.variants import ONNX_VARIANTS, default_variants
+    from cvdeploy.build.variants import ALL_VARIANTS, default_variants
 
     t0 = time.perf_counter()
     wanted = default_variants(data is not None) if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
-    unknown = [v for v in wanted if v not in ONNX_VARIANTS]
+    unknown = [v for v in wanted if v not in ALL_VARIANTS]
     if unknown:
-        raise fail(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ONNX_VARIANTS)} (OpenVINO is not built yet)")
-    if "onnx-int8" in wanted and data is None:
-        raise fail("onnx-int8 needs --data DATA.yaml (calibration images and the mAP check)")
+        raise fail(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
+    int8 = [v for v in wanted if v.endswith("-int8")]
+    if int8 and data is None:
+        raise fail(f"{', '.join(int8)} needs --data DATA.yaml (calibration images and the mAP check)")
     if data is not None and not data.is_file():
         raise fail(f"--data: {data} not found")
 

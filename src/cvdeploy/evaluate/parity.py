@@ -13,7 +13,7 @@ import numpy as np
 
 from cvdeploy.bundle.manifest import OutputParity, ParityReport
 from cvdeploy.errors import BundleError
-from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
+from cvdeploy.runtime.onnxruntime import OrtOptions
 from cvdeploy.vision.letterbox import LetterboxParams
 from cvdeploy.vision.postprocess import DetectOptions, decode_detect
 
@@ -75,12 +75,14 @@ def box_agreement(ref: np.ndarray, got: np.ndarray, conf: float = 0.25, iou_matc
 
 
 def golden_check(bundle: Any, model: Path, precision: str, providers: tuple[str, ...] | None = ("CPUExecutionProvider",),
-                 ) -> tuple[ParityReport, float, str | None]:
+                 engine_kind: str = "onnxruntime") -> tuple[ParityReport, float, str | None]:
     """Parity of `model` against the source outputs stored in the bundle; returns (report, agreement, problem).
 
     `providers=None` runs on the best execution provider present (what `cvdeploy verify` checks).
     """
-    engine = OrtEngine(model, OrtOptions(providers=providers))
+    from cvdeploy.runtime import open_engine
+
+    engine = open_engine(model, engine_kind, OrtOptions(providers=providers) if engine_kind == "onnxruntime" else None)
     per_output: dict[str, list[OutputParity]] = {}
     agreements: list[float] = []
     problem = None

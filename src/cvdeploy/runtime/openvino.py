@@ -1,0 +1,102 @@
+"""OpenVINO engine behind the Engine protocol: IR models (.xml + .bin) on the CPU, with performance hints."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvdeploy.errors import EngineError, InputError, MissingDependencyError
+from cvdeploy.runtime.base import TensorSpec
+
+HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+_OV_DTYPES = {"f32": "float32", "f16": "float16", "u8": "uint8", "i8": "int8", "i32": "int32", "i64": "int64", "boolean": "bool"}
+
+
+def _ov() -> Any:
+    try:
+        import openvino
+    except ImportError as e:
+        raise MissingDependencyError("openvino", "openvino", "running an OpenVINO variant") from e
+    return openvino
+
+
+@dataclass(frozen=True)
+class OvOptions:
+    device: str = "CPU"
+    hint: str = "LATENCY"  # LATENCY: one request fast; THROUGHPUT: many requests in parallel streams
+    num_threads: int = 0  # 0: OpenVINO's default
+
+    def __post_init__(self) -> None:
+        if self.hint not in HINTS:
+            raise InputError(f"OpenVINO performance hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
+        if self.num_threads < 0:
+            raise InputError("num_threads must be >= 0 (0 lets OpenVINO choose)")
+
+
+def _spec(port: Any) -> TensorSpec:
+    shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+    return TensorSpec(port.get_any_name(), shape, _OV_DTYPES.get(port.get_element_type().get_type_name(), "float32"))
+
+
+class OvEngine:
+    """An OpenVINO compiled model. Thread-safe: each thread gets its own infer request."""
+
+    def __init__(self, model: str | os.PathLike[str], options: OvOptions = OvOptions()) -> None:
+        ov = _ov()
+        p = Path(model)
+        if not p.is_file():
+            raise InputError(f"model file not found: {p}")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint}
+        if options.num_threads:
+            config["INFERENCE_NUM_THREADS"] = options.num_threads
+        try:
+            self._compiled = ov.Core().compile_model(str(p), options.device, config)
+        except Exception as e:
+            raise EngineError(f"OpenVINO could not load {p}: {str(e).splitlines()[0]}") from e
+        self.options = options
+        self._inputs = [_spec(i) for i in self._compiled.inputs]
+        self._outputs = [_spec(o) for o in self._compiled.outputs]
+        self._local = threading.local()
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
+
+    @property
+    def provider(self) -> str:
+        return f"OpenVINO {self.options.device} ({self.options.hint.lower()})"
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = {i.name: i for i in self._inputs}
+        if set(feeds) != set(expected):
+            raise InputError(f"model inputs are {sorted(expected)}, got {sorted(feeds)}")
+        for name, arr in feeds.items():
+            spec = expected[name]
+            if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape, strict=True)):
+                raise InputError(f"input {name!r}: expected shape {list(spec.shape)}, got {list(arr.shape)}")
+            if str(arr.dtype) != spec.dtype:
+                raise InputError(f"input {name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        try:
+            result = request.infer(feeds)
+        except Exception as e:
+            raise EngineError(f"OpenVINO failed to run the model: {str(e).splitlines()[0]}") from e
+        return {o.name: np.array(result[k], copy=True) for o, k in zip(self._outputs, self._compiled.outputs, strict=True)}
+
+    def close(self) -> None:
+        self._compiled = None
