@@ -51,6 +51,8 @@ def test_every_variant_is_verified_and_written_with_its_figures(with_variants: t
     assert int8.precision == "int8" and int8.size_bytes < 0.4 * fp32.size_bytes
     q = int8.quantization
     assert q["head_in_float"] is True and q["calib_images"] == 16 and q["float_nodes"] > 0 and q["reason"]
+    report = (b / "report.html").read_text()
+    assert report.count("<circle") == 5 and all(f"<td>{n}" in report for n in ALL)  # the table and the plot
     assert ov32.engine == ov8.engine == "openvino" and ov32.file == "variants/openvino-fp32/model.xml"
     assert list(ov8.companions) == ["variants/openvino-int8/model.bin"] and ov8.quantization["tool"] == "nncf"
     assert ov32.parity.outputs["output0"].max_abs_scores < 1e-3  # the IR computes what the ONNX model does

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,7 @@ def add_variants(
     """
     from cvdeploy.build.quantize import convert_fp16, head_float_nodes, quantize_int8, recipe_for_cpu
 
+    t_start = time.perf_counter()
     step = on_step or (lambda _v, _s: None)
     unknown = [n for n in names if n not in ALL_VARIANTS]
     if unknown:
@@ -324,14 +326,22 @@ def add_variants(
         if n != "onnx-fp32":
             manifest.variants[n].metrics["speedup_vs_fp32"] = round(latencies["onnx-fp32"] / ms, 3)
     bundle.save_manifest()
+    write_report(bundle, outcomes, time.perf_counter() - t_start)
     return outcomes
+
+
+def write_report(bundle: Bundle, outcomes: Sequence[Outcome] = (), wall_s: float | None = None) -> Path:
+    from cvdeploy.report import bundle_report
+
+    assert bundle.root is not None
+    out = bundle.root / "report.html"
+    out.write_text(bundle_report(bundle.manifest, outcomes, wall_s))
+    return out
 
 
 def interleaved_latency(bundle: Bundle, names: Sequence[str], tensor: np.ndarray, rounds: int = 6, per_round: int = 5,
                         warmup: int = 3) -> dict[str, float]:
     """Median batch-1 latency of each variant, timed in interleaved rounds so that machine noise hits all alike."""
-    import time
-
     from cvdeploy.runtime import open_engine
 
     engines = {n: open_engine(bundle.variant_path(n), bundle.manifest.variants[n].engine) for n in names}
