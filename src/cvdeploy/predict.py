@@ -46,7 +46,7 @@ class Predictor:
         iou: float | None = None,
         max_det: int | None = None,
         classes: Sequence[int] | None = None,
-        engine_options: OrtOptions | None = None,
+        engine_options: Any = None,  # OrtOptions or, for an OpenVINO variant, OvOptions
         limits: DecodeLimits = DecodeLimits(),
         max_batch: int = 32,
         imgsz: int | None = None,

@@ -226,6 +226,9 @@ def tune_cmd(
     from cvdeploy.vision.image import load_image
 
     predictor = Predictor(bundle, variant)
+    if predictor.bundle.manifest.variants[predictor.variant].engine != "onnxruntime":
+        raise fail(f"tune searches ONNX Runtime settings; {predictor.variant} runs on "
+                   f"{predictor.bundle.manifest.variants[predictor.variant].engine}")
     if save and predictor.bundle.root is None:
         raise fail(f"{bundle} is a plain .onnx file: build a bundle to store settings, or pass --dry-run")
     data = bench_images(images, n=batch)
