@@ -259,3 +259,47 @@ def tune_cmd(
         as_json.parent.mkdir(parents=True, exist_ok=True)
         as_json.write_text(json.dumps({"hint": hint.model_dump(mode="json"), "trials": [t.to_dict() for t in result.trials],
                                        "default": result.default.to_dict(), "speedup": round(result.speedup, 3)}, indent=2))
+
+
+@bench_app.command("sweep")
+def sweep_cmd(
+    models: str = typer.Option(..., help="Ultralytics .pt models, comma-separated."),
+    data: Path = typer.Option(..., help="data.yaml of the controlled dataset (calibration and mAP)."),
+    imgsz: str = typer.Option("320,480,640", help="Input sizes, comma-separated."),
+    variants: str = typer.Option("onnx-fp32,onnx-int8", help="Variants, comma-separated."),
+    latency_budget: str = typer.Option(..., help="Latency budget at batch 1, e.g. 30ms."),
+    min_map: float | None = typer.Option(None, min=0.0, max=1.0, help="Accuracy floor: mAP50-95 at least this."),
+    out: Path = typer.Option(Path("cvdeploy-sweep"), help="Where the bundles, sweep.html, sweep.png and sweep.json go."),
+    calib_images: int = typer.Option(32, min=1, help="INT8 calibration images."),
+) -> None:
+    """Build and measure every model x size x variant; plot the Pareto front; recommend the best within the budget."""
+    from cvdeploy.bench.sweep import parse_budget, sweep, write_outputs
+
+    budget = parse_budget(latency_budget)
+    if not data.is_file():
+        raise fail(f"--data: {data} not found")
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    sizes = int_list(imgsz, "--imgsz", minimum=32)
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    import time
+
+    t0 = time.perf_counter()
+    with console.status("sweep") as status:
+        result = sweep(model_list, data, sizes, names, out, budget_ms=budget, min_map=min_map, calib_images=calib_images,
+                       on_step=lambda s: status.update(f"sweep · {s} · {time.perf_counter() - t0:.0f} s"))
+    page, png = write_outputs(result, out)
+    (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2))
+    table = Table(title=f"sweep · budget {budget:g} ms" + ("" if min_map is None else f" · mAP floor {min_map:g}"), title_style="bold")
+    for col in ("point", "mAP50-95", "ms b1", "front", "budget"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    front = {p.label for p in result.front}
+    best = result.recommendation
+    for p in sorted(result.points, key=lambda p: p.latency_ms):
+        mark = " ←" if best is not None and p == best else ""
+        table.add_row(p.label + mark, f"{p.map50_95:.4f}", f"{p.latency_ms:.2f}", "●" if p.label in front else "",
+                      "ok" if p.latency_ms <= budget else "over")
+    console.print(table)
+    for r in result.refused:
+        console.print(f"[bold red]refused:[/] {r}", highlight=False)
+    console.print(f"[bold]{result.explanation()}[/]", highlight=False)
+    console.print(f"report: {page}" + (f", plot: {png}" if png else "") + f"; {time.perf_counter() - t0:.0f} s")

@@ -9,7 +9,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}
 td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}.bad{color:#b00}.muted{color:#777}
 code{background:#f4f4f4;padding:0 .2em}"""
@@ -79,7 +79,7 @@ def bundle_report(manifest: Any, outcomes: Sequence[Any] = (), wall_s: float | N
     cpu = env.get("cpu", {}) if isinstance(env, dict) else {}
     packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages", {}) if isinstance(env, dict) else {}).items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(manifest.name)}: build report</title>
-<style>{_CSS}</style></head><body>
+<style>{CSS}</style></head><body>
 <h1>{e(manifest.name)}</h1>
 <p>{e(manifest.task)} model, {len(manifest.names)} classes, input {e(str(manifest.input.shape))}, letterbox to
 {manifest.preprocess.imgsz[0]}x{manifest.preprocess.imgsz[1]}; built {e(manifest.created_at)} with cvdeploy {e(manifest.cvdeploy_version)}
