@@ -107,6 +107,10 @@ class Predictor:
         """Run the engine on a preprocessed NCHW float32 tensor; returns the first output."""
         return next(iter(self.engine.run({self._input_name: tensor}).values()))
 
+    def infer_all(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the engine on a preprocessed NCHW float32 tensor; returns every output by name."""
+        return self.engine.run({self._input_name: tensor})
+
     def _run_batch(self, images: list[np.ndarray], options: DetectOptions) -> tuple[list[Any], list[Timings]]:
         n = len(images)
         t0 = time.perf_counter()

@@ -1,0 +1,48 @@
+"""`cvdeploy serve`: the inference server on uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from cvdeploy.cli.app import app, console, fail
+
+
+@app.command()
+def serve(
+    bundles: list[Path] = typer.Argument(None, help="Bundles to serve (each as version 1 of the model named in its manifest)."),
+    repository: Path | None = typer.Option(None, help="A model repository: DIR/<model>/<version>/ bundles."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the server to the network)."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    max_batch: int = typer.Option(8, min=1, help="Largest batch the dynamic batcher forms."),
+    max_delay_ms: float = typer.Option(5.0, min=0.0, help="Longest a request waits for others to join its batch."),
+    instances: int = typer.Option(1, min=1, help="Engine workers per model."),
+    max_queue: int = typer.Option(256, min=1, help="Requests a model may hold waiting; beyond, 503 with Retry-After."),
+    timeout: float = typer.Option(30.0, min=0.1, help="Per-request timeout in seconds (504 past it)."),
+    max_body_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 past it)."),
+    max_megapixels: float = typer.Option(40.0, min=0.01, help="Largest decoded image (decompression-bomb guard)."),
+    log_level: str = typer.Option("info", help="uvicorn log level; access logs are JSON lines on stderr."),
+) -> None:
+    """Serve bundles over HTTP: Open Inference Protocol v2 (Triton clients work), an image API and /metrics."""
+    try:
+        import uvicorn
+
+        from cvdeploy.serve.app import build_repository, create_app
+        from cvdeploy.serve.repository import ServeSettings
+    except ImportError as e:
+        raise fail(f"serving needs {e.name}: install it with `pip install 'cvdeploy[serve]'`") from None
+    settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, instances=instances,
+                             request_timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
+                             max_pixels=int(max_megapixels * 1e6))
+    repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access = logging.getLogger("cvdeploy.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    console.print(f"serving {', '.join(sorted(repo._sources))} on http://{host}:{port} (models load and warm up before ready)")
+    uvicorn.run(create_app(repo), host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30)

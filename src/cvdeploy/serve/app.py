@@ -1,0 +1,406 @@
+"""The HTTP server: Open Inference Protocol v2 (Triton-compatible), an image API, repository control, metrics.
+
+`create_app(repository)` returns a FastAPI app; every model is loaded and warmed up in the
+app's lifespan, before the server reports ready. Client errors are 4xx with ``{"error": ...}``;
+a full queue is 503 with Retry-After; nothing a client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from cvdeploy import __version__
+from cvdeploy.errors import CvdeployError, ImageDecodeError, InputError
+from cvdeploy.serve.batcher import QueueFull
+from cvdeploy.serve.metrics import ServerMetrics
+from cvdeploy.serve.protocol import HEADER, decompress, encode_response, parse_request
+from cvdeploy.serve.repository import LoadedModel, Repository, ServeSettings
+
+log = logging.getLogger("cvdeploy.access")
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "cvdeploy_images"]
+V2_TYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8", "int32": "INT32", "int64": "INT64"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _model(repo: Repository, name: str, version: str | None) -> LoadedModel:
+    try:
+        return repo.get(name, version)
+    except KeyError as e:
+        raise ApiError(404, str(e.args[0])) from None
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes is larger than the limit ({limit} bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is larger than the limit ({limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _metadata(m: LoadedModel) -> dict[str, Any]:
+    eng = m.predictor.engine
+    return {
+        "name": m.name, "versions": [m.version], "platform": "onnxruntime_onnx" if "OpenVINO" not in eng.provider else "openvino",
+        "inputs": [{"name": i.name, "datatype": V2_TYPES.get(i.dtype, "FP32"), "shape": [-1 if d is None else d for d in i.shape]}
+                   for i in eng.inputs]
+        + [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": o.name, "datatype": V2_TYPES.get(o.dtype, "FP32"), "shape": [-1 if d is None else d for d in o.shape]}
+                    for o in eng.outputs] + [{"name": "detections", "datatype": "BYTES", "shape": [-1]}],
+    }
+
+
+def _ultralytics_metadata(m: LoadedModel) -> dict[str, Any]:
+    """What Ultralytics' Triton client reads (with ast.literal_eval): plain literals only."""
+    man = m.bundle.manifest
+    h, w = man.preprocess.imgsz
+    return {"description": f"cvdeploy {m.name} v{m.version}", "author": "cvdeploy", "version": __version__, "task": man.task,
+            "stride": int(man.preprocess.stride), "batch": 1, "imgsz": [int(h), int(w)],
+            "names": {int(k): str(v) for k, v in man.names.items()}, "args": {"nms": False}}
+
+
+def _config(m: LoadedModel) -> dict[str, Any]:
+    eng = m.predictor.engine
+    return {
+        "name": m.name, "platform": "onnxruntime_onnx", "backend": "cvdeploy", "max_batch_size": 0,
+        "input": [{"name": i.name, "data_type": "TYPE_" + V2_TYPES.get(i.dtype, "FP32"),
+                   "dims": [-1 if d is None else d for d in i.shape]} for i in eng.inputs],
+        "output": [{"name": o.name, "data_type": "TYPE_" + V2_TYPES.get(o.dtype, "FP32"),
+                    "dims": [-1 if d is None else d for d in o.shape]} for o in eng.outputs],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(m.batcher.max_delay * 1e6),
+                             "preferred_batch_size": [m.batcher.max_batch]},
+        "parameters": {"metadata": {"string_value": repr(_ultralytics_metadata(m))}},
+    }
+
+
+async def _run(m: LoadedModel, tensor: np.ndarray, timeout: float) -> dict[str, np.ndarray]:
+    try:
+        return await asyncio.wait_for(m.infer(tensor), timeout)
+    except QueueFull as e:
+        raise ApiError(503, f"model {m.name!r} is overloaded: {e}; retry later", {"Retry-After": "1"}) from None
+    except TimeoutError:
+        raise ApiError(504, f"model {m.name!r} did not answer within {timeout:g} s") from None
+
+
+async def _detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], options: Any, annotate: bool = False) -> list[dict]:
+    """Encoded images -> decode and letterbox (thread pool) -> batched engine -> NMS -> result dicts."""
+    from cvdeploy.vision.draw import draw
+    from cvdeploy.vision.image import load_image
+    from cvdeploy.vision.letterbox import preprocess
+    from cvdeploy.vision.postprocess import decode_detect_batch
+    from cvdeploy.vision.result import Result, Timings
+
+    p = m.predictor
+    spec = replace(p.spec, rect=False)  # one square size per model, so that requests can share batches
+    allowed = repo.settings.allowed_formats
+
+    def prepare(blob: bytes) -> tuple[np.ndarray, np.ndarray, Any, float, float]:
+        from cvdeploy.vision.image import image_format
+
+        fmt = image_format(blob)
+        if fmt is not None and fmt.lower() not in allowed:
+            raise InputError(f"image format {fmt} is not allowed here (allowed: {', '.join(allowed)})")
+        t0 = time.perf_counter()
+        img = load_image(blob, limits=p.limits)
+        t1 = time.perf_counter()
+        tensor, params = preprocess([img], spec)
+        return img, tensor, params[0], (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+
+    prepared = await asyncio.gather(*(asyncio.to_thread(prepare, b) for b in blobs))
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(_run(m, t, repo.settings.request_timeout_s) for _, t, _, _, _ in prepared))
+    infer_ms = (time.perf_counter() - t0) * 1000
+    results = []
+    for (img, _, params, dec, pre), out in zip(prepared, outs, strict=True):
+        t1 = time.perf_counter()
+        dets = decode_detect_batch(next(iter(out.values())), [params], options, end2end=p._end2end)[0]
+        post = (time.perf_counter() - t1) * 1000
+        r = Result("detect", p.names, img.shape[:2], detections=dets, timings=Timings(dec, pre, infer_ms, post))
+        repo.metrics.stage.labels(m.name, m.version, "preprocess").observe((dec + pre) / 1000)
+        repo.metrics.stage.labels(m.name, m.version, "postprocess").observe(post / 1000)
+        d = r.to_dict()
+        d.pop("source", None)
+        if annotate:
+            import cv2
+
+            ok, buf = cv2.imencode(".jpg", draw(img, r))
+            d["annotated_image"] = base64.b64encode(buf.tobytes()).decode() if ok else None
+        results.append(d)
+    return results
+
+
+def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
+    repo = repository
+    metrics = repo.metrics
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if load_all:
+            for name in sorted(repo._sources):
+                await repo.load(name)  # loaded and warmed before the first request is accepted
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        await repo.close()  # graceful: drain what was accepted
+
+    app = FastAPI(title="cvdeploy", version=__version__, lifespan=lifespan,
+                  description="Open Inference Protocol v2 (KServe, Triton-compatible) and an image API for YOLO bundles.")
+    app.state.ready = False
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(CvdeployError)
+    async def _user_error(_: Request, e: CvdeployError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=400)
+
+    @app.exception_handler(OverflowError)
+    async def _too_big(_: Request, e: OverflowError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=413)
+
+    from fastapi.exceptions import RequestValidationError
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse({"error": f"invalid request at {where}: {first.get('msg', 'invalid')}"}, status_code=400)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        t0 = time.perf_counter()
+        metrics.in_flight.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+        except Exception:  # an unexpected failure: log it, answer 500 without internals
+            logging.getLogger("cvdeploy.serve").exception("unhandled error on %s %s", request.method, request.url.path)
+            response = JSONResponse({"error": "internal server error"}, status_code=500)
+        finally:
+            metrics.in_flight.dec()
+        response.headers["X-Request-ID"] = rid
+        log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": request.method, "path": request.url.path,
+                             "status": status, "ms": round((time.perf_counter() - t0) * 1000, 2),
+                             "client": request.client.host if request.client else None}))
+        return response
+
+    # -- health and metadata ----------------------------------------------------------------------
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": "cvdeploy", "version": __version__, "extensions": EXTENSIONS}
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        ok = app.state.ready and bool(repo.names())
+        return Response(status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict:
+        m = _model(repo, name, version)
+        meta = _metadata(m)
+        meta["versions"] = repo.versions(name)
+        return meta
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        _model(repo, name, version)
+        return Response(status_code=200)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> dict:
+        return _config(_model(repo, name, version))
+
+    # -- inference (v2) --------------------------------------------------------------------------
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        m = _model(repo, name, version)
+        t0 = time.perf_counter()
+        outcome = "failure"
+        try:
+            limit = repo.settings.max_body_bytes
+            body = decompress(await _body(request, limit), request.headers.get("content-encoding"), limit)
+            req = parse_request(body, request.headers.get(HEADER))
+            outputs = await _infer_tensors(m, req)
+            payload, head_len = encode_response(m.name, m.version, req.id, outputs, req.outputs, req.binary_output)
+            outcome = "success"
+        finally:
+            metrics.requests.labels(m.name, m.version, outcome).inc()
+            metrics.request_duration.labels(m.name, m.version, "v2").observe(time.perf_counter() - t0)
+        if head_len is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(head_len)})
+
+    async def _infer_tensors(m: LoadedModel, req: Any) -> dict[str, np.ndarray]:
+        spec = m.predictor.engine.inputs[0]
+        if len(req.inputs) != 1:
+            raise InputError(f"the model takes one input ({spec.name!r} as FP32 NCHW, or 'image' as BYTES), got {len(req.inputs)}")
+        (name, arr), = req.inputs.items()
+        if req.datatypes[name] == "BYTES":
+            if arr.ndim != 1 or arr.size < 1:
+                raise InputError(f"input {name!r}: BYTES images must have shape [n] with n >= 1, got {list(arr.shape)}")
+            if arr.size > repo.settings.max_batch * 4:
+                raise InputError(f"input {name!r}: at most {repo.settings.max_batch * 4} images per request, got {arr.size}")
+            results = await _detect_images(repo, m, [bytes(b) for b in arr.reshape(-1)], m.predictor.options)
+            out = np.empty(len(results), dtype=object)
+            out[:] = [json.dumps(r).encode() for r in results]
+            return {"detections": out}
+        if name != spec.name:
+            raise InputError(f"unknown input {name!r}; the model takes {spec.name!r} (FP32) or 'image' (BYTES)")
+        if req.datatypes[name] != V2_TYPES.get(spec.dtype, "FP32"):
+            raise InputError(f"input {name!r}: datatype {req.datatypes[name]}, the model takes {V2_TYPES.get(spec.dtype, 'FP32')}")
+        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape, strict=True)):
+            raise InputError(f"input {name!r}: shape {list(arr.shape)} does not fit the model's {[-1 if d is None else d for d in spec.shape]}")
+        if arr.shape[0] < 1 or arr.shape[0] > repo.settings.max_batch * 4 or min(arr.shape[2:]) < 32 or max(arr.shape[2:]) > 4096 \
+                or arr.shape[2] % m.predictor.spec.stride or arr.shape[3] % m.predictor.spec.stride:
+            raise InputError(f"input {name!r}: shape {list(arr.shape)}: batch 1..{repo.settings.max_batch * 4}, sides 32..4096 "
+                             f"and multiples of {m.predictor.spec.stride}")
+        tensor = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(tensor).all():
+            raise InputError(f"input {name!r} holds inf or NaN")
+        return await _run(m, tensor, repo.settings.request_timeout_s)
+
+    # -- the image API ---------------------------------------------------------------------------
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict(name: str, request: Request, conf: float | None = None, iou: float | None = None,
+                      max_det: int | None = None, classes: str | None = None, annotate: bool = False,
+                      version: str | None = None) -> dict:
+        m = _model(repo, name, version)
+        t0 = time.perf_counter()
+        outcome = "failure"
+        try:
+            options = _options(m, conf, iou, max_det, classes)
+            body = await _body(request, repo.settings.max_body_bytes)
+            blob = await _image_from(request, body)
+            (result,) = await _detect_images(repo, m, [blob], options, annotate)
+            outcome = "success"
+        finally:
+            metrics.requests.labels(m.name, m.version, outcome).inc()
+            metrics.request_duration.labels(m.name, m.version, "images").observe(time.perf_counter() - t0)
+        return {"model_name": m.name, "model_version": m.version, **result}
+
+    # -- repository control (Triton's model repository extension) ---------------------------------
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> list:
+        return repo.index()
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(name: str) -> Response:
+        try:
+            await repo.load(name)
+        except KeyError as e:
+            raise ApiError(404, str(e.args[0])) from None
+        except CvdeployError as e:
+            raise ApiError(400, f"could not load {name!r}; the version that was serving still serves: {e}") from None
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str) -> Response:
+        try:
+            await repo.unload(name)
+        except KeyError as e:
+            raise ApiError(404, str(e.args[0])) from None
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        for n in repo.names():
+            for v in repo.versions(n):
+                metrics.queue_depth.labels(n, v).set(repo.get(n, v).batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _options(m: LoadedModel, conf: float | None, iou: float | None, max_det: int | None, classes: str | None) -> Any:
+    if conf is not None and not 0 <= conf <= 1:
+        raise InputError(f"conf must be within 0..1, got {conf}")
+    if iou is not None and not 0 <= iou <= 1:
+        raise InputError(f"iou must be within 0..1, got {iou}")
+    if max_det is not None and not 1 <= max_det <= 10_000:
+        raise InputError(f"max_det must be within 1..10000, got {max_det}")
+    overrides: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
+    if classes:
+        try:
+            overrides["classes"] = [int(c) for c in classes.split(",") if c.strip()]
+        except ValueError:
+            raise InputError(f"classes takes comma-separated integers, got {classes!r}") from None
+    return m.predictor._options(overrides)
+
+
+async def _image_from(request: Request, body: bytes) -> bytes:
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartParser
+
+        async def stream():
+            yield body
+
+        try:
+            form = await MultiPartParser(request.headers, stream()).parse()
+        except Exception as e:  # malformed multipart
+            raise InputError(f"malformed multipart body: {e}") from None
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not files:
+            raise InputError("the multipart body has no file part (send the image as a file field, e.g. 'image')")
+        return await files[0].read()
+    if ctype == "application/json":
+        try:
+            doc = json.loads(body)
+            data = doc["image"]
+            return base64.b64decode(data, validate=True)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise InputError(f"a JSON body must be {{\"image\": \"<base64>\"}}: {e}") from None
+    if not body:
+        raise ImageDecodeError("empty body: send image bytes, a multipart file or JSON {\"image\": base64}")
+    return body
+
+
+def build_repository(sources: list[str], repository_dir: str | None, settings: ServeSettings) -> Repository:
+    repo = Repository(settings, ServerMetrics())
+    if repository_dir:
+        repo.add_repository(repository_dir)
+    for s in sources:
+        repo.add_source(s)
+    if not repo._sources:
+        raise InputError("nothing to serve: give bundles or --repository DIR")
+    return repo

@@ -1,0 +1,159 @@
+"""Dynamic batching: requests for one model are queued and run through its engine in batches.
+
+A batch closes when it reaches `max_batch` or when its oldest request has waited `max_delay_ms`.
+Only tensors of the same shape (past the batch axis) share a batch. `instances` engine workers
+drain the queue in parallel threads; the event loop never waits on an engine. A full queue
+refuses new work at once (the server answers 503 with Retry-After) instead of letting latency grow
+without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """The model's queue holds `max_queue` requests already."""
+
+
+@dataclass
+class _Item:
+    tensor: np.ndarray  # (n, ...) with n >= 1
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    batch_images: int
+    queue_s: float  # oldest request's wait
+    infer_s: float
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], dict[str, np.ndarray]],
+        *,
+        max_batch: int = 8,
+        max_delay_ms: float = 5.0,
+        max_queue: int = 256,
+        instances: int = 1,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch < 1 or instances < 1 or max_queue < 1 or max_delay_ms < 0:
+            raise ValueError("max_batch, instances and max_queue must be >= 1 and max_delay_ms >= 0")
+        self._run = run
+        self.max_batch, self.max_delay, self.max_queue, self.instances = max_batch, max_delay_ms / 1000.0, max_queue, instances
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=instances, thread_name_prefix="cvdeploy-engine")
+        self._workers: list[asyncio.Task] = []
+        self._carry: list[_Item] = []  # items taken from the queue that did not fit the last batch's shape
+        self._lock: asyncio.Lock | None = None
+        self._busy = 0  # batches being run
+
+    @property
+    def depth(self) -> int:
+        return (self._queue.qsize() if self._queue else 0) + len(self._carry)
+
+    def start(self) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._lock = asyncio.Lock()
+            self._workers = [asyncio.create_task(self._worker()) for _ in range(self.instances)]
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Let queued and running requests finish (up to `drain_timeout_s`), then stop the workers."""
+        deadline = time.monotonic() + drain_timeout_s
+        while (self.depth or self._busy) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        self._pool.shutdown(wait=True)
+
+    async def submit(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        """Queue `tensor` (n, C, H, W); return its rows of every output."""
+        self.start()
+        assert self._queue is not None
+        if self.depth >= self.max_queue:
+            raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(tensor, fut))
+        return await fut
+
+    async def _next_batch(self) -> list[_Item]:
+        assert self._queue is not None and self._lock is not None
+        async with self._lock:  # one worker gathers at a time; the others run engines meanwhile
+            first = self._carry.pop(0) if self._carry else await self._queue.get()
+            batch, n = [first], first.tensor.shape[0]
+            shape = first.tensor.shape[1:]
+            deadline = first.enqueued + self.max_delay
+            kept: list[_Item] = []
+            for item in list(self._carry):
+                if n >= self.max_batch:
+                    break
+                if item.tensor.shape[1:] == shape and n + item.tensor.shape[0] <= self.max_batch:
+                    batch.append(item)
+                    n += item.tensor.shape[0]
+                    self._carry.remove(item)
+            while n < self.max_batch:
+                timeout = deadline - time.perf_counter()
+                try:
+                    item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if item.tensor.shape[1:] == shape and n + item.tensor.shape[0] <= self.max_batch:
+                    batch.append(item)
+                    n += item.tensor.shape[0]
+                else:
+                    kept.append(item)
+            self._carry.extend(kept)
+            return batch
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            live = [it for it in batch if not it.future.cancelled()]
+            if not live:
+                continue
+            self._busy += 1
+            try:
+                await self._run_batch(loop, live)
+            finally:
+                self._busy -= 1
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
+        tensor = live[0].tensor if len(live) == 1 else np.concatenate([it.tensor for it in live])
+        t0 = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._pool, self._run, tensor)
+        except Exception as e:  # the engine failed: every request of the batch learns why
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(e)
+            return
+        t1 = time.perf_counter()
+        if self._on_batch:
+            self._on_batch(BatchStats(int(tensor.shape[0]), t0 - min(it.enqueued for it in live), t1 - t0))
+        start = 0
+        for it in live:
+            k = it.tensor.shape[0]
+            if not it.future.done():
+                it.future.set_result({name: out[start : start + k] for name, out in outputs.items()})
+            start += k
+
+
+def describe(batcher: Any) -> dict[str, Any]:
+    return {"max_batch": batcher.max_batch, "max_delay_ms": batcher.max_delay * 1000.0, "max_queue": batcher.max_queue,
+            "instances": batcher.instances}

@@ -1,0 +1,204 @@
+"""The models a server holds: several models and versions side by side, loaded, warmed up, swapped safely.
+
+Layout of a repository directory (as Triton's): ``DIR/<model>/<version>/`` where each version
+directory is a bundle (``manifest.json`` ...). A model given as a bare bundle path is version 1.
+A load builds and warms the new version completely before it becomes visible; if it fails, the
+version that was serving keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvdeploy.errors import CvdeployError, InputError
+from cvdeploy.serve.batcher import BatchStats, DynamicBatcher
+from cvdeploy.serve.metrics import ServerMetrics
+
+
+@dataclass
+class ServeSettings:
+    max_batch: int = 8
+    max_delay_ms: float = 5.0
+    max_queue: int = 256
+    instances: int = 1
+    request_timeout_s: float = 30.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    allowed_formats: tuple[str, ...] = ("jpeg", "png", "bmp", "webp", "tiff")
+    warmup_runs: int = 2
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    predictor: Any  # cvdeploy.Predictor (its engine, spec, options and names)
+    batcher: DynamicBatcher
+    path: Path
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def bundle(self) -> Any:
+        return self.predictor.bundle
+
+    async def infer(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
+        return await self.batcher.submit(tensor)
+
+
+class Repository:
+    def __init__(self, settings: ServeSettings, metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._models: dict[str, dict[str, LoadedModel]] = {}
+        self._sources: dict[str, Path] = {}  # model name -> its repository folder or bundle path
+        self._lock = asyncio.Lock()
+        self._draining: set[asyncio.Task] = set()
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        versions = self._models.get(name)
+        if not versions:
+            raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.names()) or 'none'})")
+        if version is None:
+            return versions[max(versions, key=_version_key)]
+        if version not in versions:
+            raise KeyError(f"model {name!r} has no version {version!r} (versions: {', '.join(sorted(versions, key=_version_key))})")
+        return versions[version]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=_version_key)
+
+    def index(self) -> list[dict[str, str]]:
+        out = []
+        for name, src in sorted(self._sources.items()):
+            loaded = self._models.get(name, {})
+            for v in _discover_versions(src) or ["1"]:
+                out.append({"name": name, "version": v, "state": "READY" if v in loaded else "UNAVAILABLE"})
+        return out
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def add_source(self, path: str | os.PathLike[str], name: str | None = None) -> str:
+        """Register a bundle (version 1) or a model folder of version bundles; returns the model name."""
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"model not found: {p}")
+        if (p / "manifest.json").is_file() or p.suffix.lower() == ".onnx":
+            from cvdeploy.bundle.bundle import Bundle
+
+            model_name = name or Bundle.load(p).name
+        else:
+            if not _discover_versions(p):
+                raise InputError(f"{p} is neither a bundle nor a model folder of version bundles (<model>/<version>/manifest.json)")
+            model_name = name or p.name
+        self._sources[model_name] = p
+        return model_name
+
+    def add_repository(self, root: str | os.PathLike[str]) -> list[str]:
+        r = Path(root)
+        if not r.is_dir():
+            raise InputError(f"model repository {r} is not a directory")
+        names = [self.add_source(d) for d in sorted(r.iterdir()) if d.is_dir() and _discover_versions(d)]
+        if not names:
+            raise InputError(f"model repository {r} holds no model (<model>/<version>/manifest.json)")
+        return names
+
+    async def load(self, name: str) -> list[str]:
+        """(Re)load every version of `name`; the old versions keep serving until the new ones are warm."""
+        if name not in self._sources:
+            raise KeyError(f"model {name!r} is not in the repository (known: {', '.join(sorted(self._sources)) or 'none'})")
+        src = self._sources[name]
+        versions = _discover_versions(src)
+        targets = {v: src / v for v in versions} if versions else {"1": src}
+        async with self._lock:
+            fresh: dict[str, LoadedModel] = {}
+            try:
+                for v, path in targets.items():
+                    fresh[v] = await asyncio.to_thread(self._open, name, v, path)
+                    await self._warm(fresh[v])
+            except BaseException:
+                for m in fresh.values():
+                    await m.batcher.stop()
+                raise
+            old = self._models.get(name, {})
+            self._models[name] = fresh
+            for v in fresh:
+                self.metrics.model_state.labels(name, v).set(1)
+            for v, m in old.items():
+                if v not in fresh:
+                    self.metrics.model_state.labels(name, v).set(0)
+                task = asyncio.create_task(_drain_and_stop(m))  # the old version finishes what it accepted
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+        return sorted(fresh, key=_version_key)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            old = self._models.pop(name, None)
+            if old is None:
+                raise KeyError(f"model {name!r} is not loaded")
+            for v, m in old.items():
+                self.metrics.model_state.labels(name, v).set(0)
+                await _drain_and_stop(m)
+
+    async def close(self) -> None:
+        """Graceful shutdown: every model drains the requests it accepted, then stops."""
+        for name in list(self._models):
+            await self.unload(name)
+        if self._draining:
+            await asyncio.gather(*self._draining, return_exceptions=True)
+
+    def _open(self, name: str, version: str, path: Path) -> LoadedModel:
+        from cvdeploy.predict import Predictor
+        from cvdeploy.vision.image import DecodeLimits
+
+        try:
+            predictor = Predictor(path, limits=DecodeLimits(max_pixels=self.settings.max_pixels), max_batch=self.settings.max_batch)
+        except CvdeployError:
+            raise
+        s = self.settings
+        labels = (name, version)
+
+        def on_batch(stats: BatchStats) -> None:
+            self.metrics.executions.labels(*labels).inc()
+            self.metrics.inferences.labels(*labels).inc(stats.batch_images)
+            self.metrics.stage.labels(*labels, "queue").observe(stats.queue_s)
+            self.metrics.stage.labels(*labels, "infer").observe(stats.infer_s)
+
+        batcher = DynamicBatcher(predictor.infer_all, max_batch=s.max_batch, max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
+                                 instances=s.instances, on_batch=on_batch)
+        return LoadedModel(name, version, predictor, batcher, path)
+
+    async def _warm(self, m: LoadedModel) -> None:
+        """First calls allocate and pick kernels: pay for them before the model is visible."""
+        h, w = m.predictor.spec.imgsz
+        for n in sorted({1, min(m.predictor.max_batch, self.settings.max_batch)}):
+            x = np.full((n, 3, h, w), 114 / 255.0, np.float32)
+            for _ in range(self.settings.warmup_runs):
+                await asyncio.to_thread(m.predictor.infer_all, x)
+
+
+async def _drain_and_stop(m: LoadedModel, timeout: float = 30.0) -> None:
+    await m.batcher.stop(timeout)
+    m.predictor.close()
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (10**9, v)
+
+
+def _discover_versions(path: Path) -> list[str]:
+    if not path.is_dir() or (path / "manifest.json").is_file():
+        return []
+    return sorted((d.name for d in path.iterdir() if d.is_dir() and (d / "manifest.json").is_file()), key=_version_key)

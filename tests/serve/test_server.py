@@ -1,0 +1,152 @@
+"""The server as clients use it: tritonclient, the Ultralytics Triton client, the image API, bad input, metrics."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import struct
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from cvdeploy import Predictor
+from cvdeploy.vision.image import load_image
+
+MODEL = "yolo11n-shapes"
+
+
+@pytest.fixture(scope="module")
+def image(shapes_data: Path) -> Path:
+    return sorted((shapes_data / "images" / "val").glob("*.jpg"))[1]
+
+
+@pytest.fixture(scope="module")
+def square(demo_bundle: Path) -> Predictor:
+    """The Predictor with the server's square letterbox (one size per model, so that requests share batches)."""
+    p = Predictor(demo_bundle)
+    p.spec = replace(p.spec, rect=False)
+    return p
+
+
+def test_tritonclient_metadata_and_infer_binary_and_json(server, square: Predictor, image: Path) -> None:
+    import tritonclient.http as tc
+
+    c = tc.InferenceServerClient(server.hostport)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready(MODEL)
+    assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
+    meta = c.get_model_metadata(MODEL)
+    assert meta["inputs"][0] == {"name": "images", "datatype": "FP32", "shape": [-1, 3, -1, -1]}
+    x, _ = square.preprocess([load_image(image)])
+    ref = square.infer(x)
+    for binary in (True, False):
+        inp = tc.InferInput("images", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        r = c.infer(MODEL, [inp], outputs=[tc.InferRequestedOutput("output0", binary_data=binary)])
+        np.testing.assert_allclose(r.as_numpy("output0"), ref, rtol=0, atol=1e-5 if binary else 1e-4)
+    # encoded images as BYTES: the server decodes, letterboxes, batches and runs NMS
+    inp = tc.InferInput("image", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([image.read_bytes()] * 2, dtype=object))
+    dets = [json.loads(d) for d in c.infer(MODEL, [inp]).as_numpy("detections")]
+    expected = square.predict(image).to_dict()["detections"]
+    assert [d["detections"] for d in dets] == [expected, expected]
+
+
+def test_ultralytics_triton_client(server, square: Predictor, image: Path) -> None:
+    from ultralytics import YOLO
+
+    model = YOLO(f"{server.url}/{MODEL}", task="detect")
+    res = model.predict(str(image), conf=0.25, verbose=False)[0]
+    ours = square.predict(image, conf=0.25).detections
+    assert len(res.boxes) == len(ours) and model.names == square.names
+    if len(ours):
+        np.testing.assert_allclose(res.boxes.xyxy.numpy(), ours.xyxy, atol=0.5)
+        np.testing.assert_allclose(res.boxes.conf.numpy(), ours.confidence, atol=1e-3)
+
+
+def test_image_api_raw_multipart_and_base64(server, square: Predictor, image: Path) -> None:
+    url = f"{server.url}/v1/models/{MODEL}/predict"
+    blob = image.read_bytes()
+    expected = square.predict(image, conf=0.1).to_dict()["detections"]
+    raw = httpx.post(url, content=blob, params={"conf": 0.1}, headers={"content-type": "image/jpeg"})
+    multi = httpx.post(url, files={"image": ("a.jpg", blob, "image/jpeg")}, params={"conf": 0.1})
+    b64 = httpx.post(url, json={"image": base64.b64encode(blob).decode()}, params={"conf": 0.1, "annotate": True})
+    for r in (raw, multi, b64):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["detections"] == expected and body["model_name"] == MODEL
+        assert set(body["timings_ms"]) >= {"decode", "preprocess", "infer", "postprocess"}
+        assert r.headers["x-request-id"]
+    annotated = base64.b64decode(b64.json()["annotated_image"])
+    assert load_image(annotated).shape[:2] == load_image(blob).shape[:2]
+    some = httpx.post(url, content=blob, params={"conf": 0.01, "classes": "0", "max_det": 2}).json()["detections"]
+    assert len(some) <= 2 and all(d["class_id"] == 0 for d in some)
+    assert httpx.post(url, content=blob, headers={"x-request-id": "abc"}).headers["x-request-id"] == "abc"
+
+
+def _png_header(width: int, height: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + b"\0" * 64
+
+
+def test_malformed_input_gets_4xx_and_the_server_keeps_serving(server, image: Path) -> None:
+    url = f"{server.url}/v1/models/{MODEL}/predict"
+    infer = f"{server.url}/v2/models/{MODEL}/infer"
+    blob = image.read_bytes()
+    cases = [
+        httpx.post(url, content=blob[: len(blob) // 3]),  # truncated JPEG
+        httpx.post(url, content=b""),  # zero bytes
+        httpx.post(url, content=_png_header(100_000, 100_000)),  # enormous declared dimensions
+        httpx.post(url, content=b"this is text, not an image"),
+        httpx.post(url, content=b"{broken", headers={"content-type": "application/json"}),
+        httpx.post(url, content=blob, params={"conf": 3}),
+        httpx.post(url, content=blob, params={"classes": "a,b"}),
+        httpx.post(infer, content=b"{broken json"),
+        httpx.post(infer, json={"inputs": [{"name": "images", "shape": [1, 3, 64], "datatype": "FP32", "data": [0.0] * 192}]}),
+        httpx.post(infer, json={"inputs": [{"name": "images", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.0] * 5}]}),
+        httpx.post(infer, json={"inputs": [{"name": "images", "shape": [1, 3, 64, 64], "datatype": "INT64", "data": [0] * 12288}]}),
+        httpx.post(infer, json={"inputs": [{"name": "nope", "shape": [1], "datatype": "FP32", "data": [0.0]}]}),
+        httpx.post(infer, json={"inputs": [{"name": "images", "shape": [1, 3, 50, 50], "datatype": "FP32", "data": [0.0] * 7500}]}),
+        httpx.post(infer, json={"inputs": []}),
+        httpx.post(infer, content=b"{}", headers={"Inference-Header-Content-Length": "99"}),
+        httpx.post(infer, content=gzip.compress(b"{}")[:-4], headers={"content-encoding": "gzip"}),
+        httpx.post(f"{server.url}/v2/models/unknown/infer", json={"inputs": []}),
+        httpx.post(url, content=b"\0" * (5 * 1024 * 1024)),  # over the 4 MiB body limit
+    ]
+    codes = [r.status_code for r in cases]
+    assert all(400 <= c < 500 for c in codes), codes
+    assert codes[-2] == 404 and codes[-1] == 413
+    assert all("error" in r.json() for r in cases)
+    assert httpx.post(url, content=blob).status_code == 200  # still serving
+
+
+def test_gzip_request_and_json_outputs(server, square: Predictor) -> None:
+    x = np.random.default_rng(0).random((1, 3, 64, 96), dtype=np.float32)
+    doc = {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=gzip.compress(json.dumps(doc).encode()),
+                   headers={"content-encoding": "gzip", "content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    got = np.asarray(out["data"], np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, square.infer(x), atol=1e-4)
+
+
+def test_metrics_repository_and_versions(server, image: Path) -> None:
+    httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=image.read_bytes())
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("cvdeploy_requests_total", "cvdeploy_inference_count_total", "cvdeploy_execution_count_total",
+                 "cvdeploy_stage_duration_seconds_bucket", "cvdeploy_requests_in_flight", "cvdeploy_model_ready"):
+        assert name in text, name
+    assert f'cvdeploy_requests_total{{model="{MODEL}",outcome="success",version="1"}}' in text
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/1/ready").status_code == 200
+    assert httpx.get(f"{server.url}/v2/models/{MODEL}/versions/7").status_code == 404
+    index = httpx.post(f"{server.url}/v2/repository/index").json()
+    assert index == [{"name": MODEL, "version": "1", "state": "READY"}]
+    assert httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load").status_code == 200  # reload, no restart
+    assert httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=image.read_bytes()).status_code == 200
+    assert httpx.post(f"{server.url}/v2/repository/models/nope/load").status_code == 404
