@@ -150,3 +150,34 @@ def test_metrics_repository_and_versions(server, image: Path) -> None:
     assert httpx.post(f"{server.url}/v2/repository/models/{MODEL}/load").status_code == 200  # reload, no restart
     assert httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=image.read_bytes()).status_code == 200
     assert httpx.post(f"{server.url}/v2/repository/models/nope/load").status_code == 404
+
+
+def test_python_clients_and_the_client_command(server, square: Predictor, image: Path, tmp_path: Path) -> None:
+    import asyncio
+    import subprocess
+    import sys
+
+    from cvdeploy.client import AsyncClient, Client, ConnectionFailed, ServerError
+
+    expected = square.predict(image, conf=0.2).to_dict()["detections"]
+    with Client(server.url) as c:
+        assert c.ready() and c.models()[0]["name"] == MODEL
+        assert c.predict(MODEL, image, conf=0.2)["detections"] == expected
+        with pytest.raises(ServerError) as e:
+            c.predict("nope", image)
+        assert e.value.status == 404
+
+    async def go() -> dict:
+        async with AsyncClient(server.url) as ac:
+            return await ac.predict(MODEL, image.read_bytes(), conf=0.2)
+
+    assert asyncio.run(go())["detections"] == expected
+    with pytest.raises(ConnectionFailed), Client("http://127.0.0.1:9", timeout=2) as c:
+        c.ready()
+
+    cli = [sys.executable, "-m", "cvdeploy", "client", "predict", server.url, str(image)]
+    out = subprocess.run([*cli, "--conf", "0.2", "--json", "--save", str(tmp_path / "ann")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["detections"] == expected and (tmp_path / "ann" / f"{image.stem}.jpg").is_file()
+    bad = subprocess.run([*cli, "--model", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: server answered 404") and "Traceback" not in bad.stderr
