@@ -1,0 +1,182 @@
+"""Load test of `cvdeploy serve` on loopback, bounded in requests and time, against the raw engine limit.
+
+    python benchmarks/serve_load.py [--bundle DIR] [--requests 200] [--concurrency 1,4,8,16] [--soak 120] [--json OUT]
+
+1. raw engine limit: best-batch `session.run` throughput (images/s) on tensors preprocessed
+   beforehand, same model and threads (ONNX Runtime default), batch 1, 2, 4, 8;
+2. the server in its own process (`cvdeploy serve`, dynamic batching), JPEG uploads to the image
+   API from an async client at each concurrency: throughput, p50 and p99 latency, errors;
+3. soak: `--soak` seconds at concurrency 8, sampling the server's resident memory every second.
+Target (issue 5): at concurrency 8, at least 0.85x the raw limit, no errors, memory stable.
+Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def raw_limit(bundle: Path, images: list[bytes], seconds: float = 4.0) -> dict[str, float]:
+    from dataclasses import replace
+
+    from cvdeploy.predict import Predictor
+    from cvdeploy.vision.image import load_image
+    from cvdeploy.vision.letterbox import preprocess
+
+    p = Predictor(bundle)
+    spec = replace(p.spec, rect=False)  # the server's square letterbox
+    out = {}
+    for b in (1, 2, 4, 8):
+        x, _ = preprocess([load_image(images[k % len(images)]) for k in range(b)], spec)
+        for _ in range(3):
+            p.infer(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            p.infer(x)
+            n += b
+        out[f"batch_{b}"] = n / (time.perf_counter() - t0)
+    return out
+
+
+async def load(url: str, model: str, images: list[bytes], concurrency: int, requests: int | None, seconds: float | None,
+               on_sample=None) -> dict[str, float]:
+    import httpx
+
+    lat: list[float] = []
+    errors = 0
+    issued = 0
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while True:
+                if requests is not None and issued >= requests:
+                    return
+                if seconds is not None and time.perf_counter() - start >= seconds:
+                    return
+                k = issued
+                issued += 1
+                t0 = time.perf_counter()
+                r = await c.post(f"/v1/models/{model}/predict", content=images[k % len(images)],
+                                 headers={"content-type": "image/jpeg"})
+                lat.append((time.perf_counter() - t0) * 1000)
+                if r.status_code != 200:
+                    errors += 1
+
+        async def sampler() -> None:
+            while on_sample and time.perf_counter() - start < (seconds or 0):
+                on_sample()
+                await asyncio.sleep(1.0)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)), sampler())
+    wall = time.perf_counter() - start
+    lat.sort()
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "throughput_ips": len(lat) / wall,
+            "p50_ms": statistics.median(lat), "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, default=None)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", default="1,4,8,16")
+    ap.add_argument("--soak", type=float, default=120.0, help="seconds at concurrency 8 for the memory check (0: skip)")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-delay-ms", type=float, default=5.0)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import cv2
+
+    from cvdeploy.bundle.environment import cpu_info
+    from cvdeploy.demo.shapes import ShapesConfig, iter_scenes
+
+    bundle = args.bundle
+    if bundle is None:
+        from cvdeploy.build import build_bundle
+        from cvdeploy.demo import DEMO_MODEL
+
+        bundle = Path(tempfile.mkdtemp(prefix="cvdeploy-load-")) / "demo.cvd"
+        build_bundle(DEMO_MODEL, bundle, name="yolo11n-shapes")
+    images = [cv2.imencode(".jpg", s.image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+              for s in iter_scenes(5, "test", 32, ShapesConfig(min_side=256, max_side=640))]
+    limit = raw_limit(bundle, images)
+    best = max(limit.values())
+    print(f"raw engine limit: {best:.1f} img/s ({', '.join(f'{k} {v:.1f}' for k, v in limit.items())})", flush=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "cvdeploy", "serve", str(bundle), "--port", str(port),
+                               "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms), "--log-level", "warning"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        model = httpx.post(f"{url}/v2/repository/index").json()[0]["name"]
+        asyncio.run(load(url, model, images, 4, 40, None))  # warm the HTTP path
+        rows = []
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            r = asyncio.run(load(url, model, images, c, args.requests, None))
+            r["vs_raw_limit"] = r["throughput_ips"] / best
+            rows.append(r)
+            print(f"c={c:<3} {r['throughput_ips']:7.1f} img/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                  f"errors {r['errors']}  {r['vs_raw_limit']:.2f}x raw", flush=True)
+        soak = None
+        if args.soak > 0:
+            samples: list[float] = []
+            r = asyncio.run(load(url, model, images, 8, None, args.soak, on_sample=lambda: samples.append(rss_mb(server.pid))))
+            third = max(1, len(samples) // 3)
+            soak = {**r, "rss_first_third_mb": statistics.median(samples[:third]),
+                    "rss_last_third_mb": statistics.median(samples[-third:]), "rss_samples": len(samples)}
+            print(f"soak {args.soak:.0f} s at c=8: {r['requests']} requests, {r['errors']} errors, RSS "
+                  f"{soak['rss_first_third_mb']:.0f} -> {soak['rss_last_third_mb']:.0f} MB (medians of first and last thirds)")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    c8 = next((r for r in rows if r["concurrency"] == 8), None)
+    figures = {"machine": {"python": platform.python_version(), "cpu": cpu_info(), "cores": os.cpu_count()},
+               "raw_limit_ips": limit, "raw_best_ips": best, "rows": rows, "soak": soak,
+               "c8_vs_raw": None if c8 is None else round(c8["vs_raw_limit"], 3),
+               "pass": c8 is not None and c8["vs_raw_limit"] >= 0.85 and all(r["errors"] == 0 for r in rows)}
+    print(json.dumps({"c8_vs_raw": figures["c8_vs_raw"], "pass": figures["pass"]}))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
