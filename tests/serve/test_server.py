@@ -181,3 +181,27 @@ def test_python_clients_and_the_client_command(server, square: Predictor, image:
     assert json.loads(out.stdout)[0]["detections"] == expected and (tmp_path / "ann" / f"{image.stem}.jpg").is_file()
     bad = subprocess.run([*cli, "--model", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: server answered 404") and "Traceback" not in bad.stderr
+
+
+def test_reload_under_load_loses_no_accepted_request(server, image: Path) -> None:
+    import asyncio
+
+    blob = image.read_bytes()
+
+    async def go() -> tuple[list[int], list[int]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            async def one() -> int:
+                return (await c.post(f"/v1/models/{MODEL}/predict", content=blob)).status_code
+
+            async def reloads() -> list[int]:
+                codes = []
+                for _ in range(2):
+                    await asyncio.sleep(0.2)
+                    codes.append((await c.post(f"/v2/repository/models/{MODEL}/load")).status_code)
+                return codes
+
+            results = await asyncio.gather(*(one() for _ in range(40)), reloads())
+            return list(results[:-1]), results[-1]
+
+    codes, reload_codes = asyncio.run(go())
+    assert reload_codes == [200, 200] and codes == [200] * 40

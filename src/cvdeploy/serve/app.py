@@ -252,6 +252,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         t0 = time.perf_counter()
         outcome = "failure"
         try:
+            m.__enter__()
             limit = repo.settings.max_body_bytes
             body = decompress(await _body(request, limit), request.headers.get("content-encoding"), limit)
             req = parse_request(body, request.headers.get(HEADER))
@@ -259,6 +260,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             payload, head_len = encode_response(m.name, m.version, req.id, outputs, req.outputs, req.binary_output)
             outcome = "success"
         finally:
+            m.__exit__()
             metrics.requests.labels(m.name, m.version, outcome).inc()
             metrics.request_duration.labels(m.name, m.version, "v2").observe(time.perf_counter() - t0)
         if head_len is None:
@@ -304,12 +306,14 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         t0 = time.perf_counter()
         outcome = "failure"
         try:
+            m.__enter__()
             options = _options(m, conf, iou, max_det, classes)
             body = await _body(request, repo.settings.max_body_bytes)
             blob = await _image_from(request, body)
             (result,) = await _detect_images(repo, m, [blob], options, annotate)
             outcome = "success"
         finally:
+            m.__exit__()
             metrics.requests.labels(m.name, m.version, outcome).inc()
             metrics.request_duration.labels(m.name, m.version, "images").observe(time.perf_counter() - t0)
         return {"model_name": m.name, "model_version": m.version, **result}

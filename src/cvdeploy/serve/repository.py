@@ -43,6 +43,14 @@ class LoadedModel:
     batcher: DynamicBatcher
     path: Path
     loaded_at: float = field(default_factory=time.time)
+    active: int = 0  # requests holding this version; it is stopped only when they are done
+
+    def __enter__(self) -> LoadedModel:
+        self.active += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
 
     @property
     def bundle(self) -> Any:
@@ -190,7 +198,11 @@ class Repository:
 
 
 async def _drain_and_stop(m: LoadedModel, timeout: float = 30.0) -> None:
-    await m.batcher.stop(timeout)
+    """Wait for every request holding `m` (decoding, queued or running), then stop it."""
+    deadline = time.monotonic() + timeout
+    while m.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    await m.batcher.stop(max(0.0, deadline - time.monotonic()))
     m.predictor.close()
 
 
