@@ -21,26 +21,27 @@ def free_port() -> int:
 class Running:
     def __init__(self, url: str, server, thread: threading.Thread, repo) -> None:
         self.url, self.server, self.thread, self.repo = url, server, thread, repo
-        self.hostport = url.removeprefix("http://")
+        self.hostport = url.split("://", 1)[1]
 
 
-def start_server(sources: list[str], repository: str | None = None, **settings) -> Running:
+def start_server(sources: list[str], repository: str | None = None, *, tls: dict | None = None, client_verify=None,
+                 **settings) -> Running:
     import uvicorn
 
-    from cvdeploy.serve.app import build_repository, create_app
+    from cvdeploy.serve.app import build_repository, create_app, uvicorn_config
     from cvdeploy.serve.repository import ServeSettings
 
     repo = build_repository(sources, repository, ServeSettings(**settings))
     port = free_port()
-    config = uvicorn.Config(create_app(repo), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    config = uvicorn_config(create_app(repo), "127.0.0.1", port, log_level="warning", **(tls or {}))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2, verify=client_verify if tls else True).status_code == 200:
                 return Running(url, server, thread, repo)
         except httpx.HTTPError:
             pass
@@ -59,3 +60,18 @@ def server(demo_bundle: Path) -> Iterator[Running]:
     r = start_server([str(demo_bundle)], max_batch=4, max_delay_ms=5.0, max_body_bytes=4 * 1024 * 1024)
     yield r
     stop_server(r)
+
+
+@pytest.fixture(scope="session")
+def server_factory():
+    """start_server / stop_server for tests that need their own server (TLS, other settings)."""
+    started: list[Running] = []
+
+    def start(*args, **kwargs) -> Running:
+        r = start_server(*args, **kwargs)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        stop_server(r)

@@ -25,12 +25,15 @@ def serve(
     max_body_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 past it)."),
     max_megapixels: float = typer.Option(40.0, min=0.01, help="Largest decoded image (decompression-bomb guard)."),
     log_level: str = typer.Option("info", help="uvicorn log level; access logs are JSON lines on stderr."),
+    tls_cert: Path | None = typer.Option(None, help="Server certificate (PEM): serve HTTPS only, TLS 1.2 or newer."),
+    tls_key: Path | None = typer.Option(None, help="The certificate's private key (PEM)."),
+    tls_client_ca: Path | None = typer.Option(None, help="CA (PEM) that client certificates must be signed by: mutual TLS."),
 ) -> None:
     """Serve bundles over HTTP: Open Inference Protocol v2 (Triton clients work), an image API and /metrics."""
     try:
         import uvicorn
 
-        from cvdeploy.serve.app import build_repository, create_app
+        from cvdeploy.serve.app import build_repository, create_app, uvicorn_config
         from cvdeploy.serve.repository import ServeSettings
     except ImportError as e:
         raise fail(f"serving needs {e.name}: install it with `pip install 'cvdeploy[serve]'`") from None
@@ -44,5 +47,10 @@ def serve(
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
-    console.print(f"serving {', '.join(sorted(repo._sources))} on http://{host}:{port} (models load and warm up before ready)")
-    uvicorn.run(create_app(repo), host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30)
+    config = uvicorn_config(create_app(repo), host, port, tls_cert=str(tls_cert) if tls_cert else None,
+                            tls_key=str(tls_key) if tls_key else None, tls_client_ca=str(tls_client_ca) if tls_client_ca else None,
+                            log_level=log_level)
+    scheme = "https" if tls_cert else "http"
+    console.print(f"serving {', '.join(sorted(repo._sources))} on {scheme}://{host}:{port}"
+                  f"{' with mutual TLS' if tls_client_ca else ''} (models load and warm up before ready)")
+    uvicorn.Server(config).run()

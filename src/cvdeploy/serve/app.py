@@ -408,3 +408,25 @@ def build_repository(sources: list[str], repository_dir: str | None, settings: S
     if not repo._sources:
         raise InputError("nothing to serve: give bundles or --repository DIR")
     return repo
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, *, tls_cert: str | None = None, tls_key: str | None = None,
+                   tls_client_ca: str | None = None, log_level: str = "info") -> Any:
+    """A loaded uvicorn Config; with TLS, its SSL context is cvdeploy's hardened one (TLS 1.2+, AEAD, optional mTLS)."""
+    import uvicorn
+
+    if (tls_cert is None) != (tls_key is None):
+        raise InputError("TLS needs both --tls-cert and --tls-key")
+    if tls_client_ca is not None and tls_cert is None:
+        raise InputError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    kw: dict[str, Any] = {}
+    if tls_cert is not None:
+        from cvdeploy.security.tls import server_context
+
+        context = server_context(tls_cert, tls_key, tls_client_ca)  # type: ignore[arg-type]
+        kw = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30, **kw)
+    config.load()
+    if tls_cert is not None:
+        config.ssl = context  # replaces uvicorn's default context
+    return config

@@ -1,0 +1,1 @@
+"""Security: TLS helpers (and, to come, authentication, RBAC, audit and model protection)."""
