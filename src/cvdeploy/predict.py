@@ -50,6 +50,7 @@ class Predictor:
         limits: DecodeLimits = DecodeLimits(),
         max_batch: int = 32,
         imgsz: int | None = None,
+        model_key: bytes | None = None,  # for a protected bundle (else from $CVDEPLOY_MODEL_KEY_FILE, ...)
     ) -> None:
         self.bundle = model if isinstance(model, Bundle) else Bundle.load(model)
         m = self.bundle.manifest
@@ -60,7 +61,15 @@ class Predictor:
             engine_options = OrtOptions(intra_op_threads=hint.intra_op_threads, inter_op_threads=hint.inter_op_threads,
                                         execution_mode=hint.execution_mode, graph_optimization=hint.graph_optimization)
         kind = m.variants[self.variant].engine if self.variant in m.variants else "onnxruntime"
-        self.engine = open_engine(self.bundle.variant_path(self.variant), kind, engine_options)
+        path = self.bundle.variant_path(self.variant)
+        if m.variants[self.variant].encryption:  # a protected bundle: decrypted in memory, never written out
+            from cvdeploy.security.protect import load_key, variant_bytes
+
+            main, extra = variant_bytes(self.bundle, self.variant, model_key if model_key is not None else load_key())
+            source: Any = main if kind == "onnxruntime" else (main, next(iter(extra.values()), b""))
+            self.engine = open_engine(source, kind, engine_options)
+        else:
+            self.engine = open_engine(path, kind, engine_options)
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         inp = self.engine.inputs[0]

@@ -205,3 +205,17 @@ def test_reload_under_load_loses_no_accepted_request(server, image: Path) -> Non
 
     codes, reload_codes = asyncio.run(go())
     assert reload_codes == [200, 200] and codes == [200] * 40
+
+
+def test_a_protected_bundle_serves_identical_results(demo_bundle: Path, server, server_factory, image: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvdeploy.security.protect import load_key, new_key_file, protect_bundle
+
+    key = new_key_file(tmp_path / "k")
+    protected = protect_bundle(demo_bundle, tmp_path / "p.cvd", load_key(key), obfuscate=True)
+    monkeypatch.setenv("CVDEPLOY_MODEL_KEY_FILE", str(key))
+    locked = server_factory([str(protected)])
+    blob = image.read_bytes()
+    a = httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=blob, params={"conf": 0.05}).json()
+    b = httpx.post(f"{locked.url}/v1/models/{MODEL}/predict", content=blob, params={"conf": 0.05}).json()
+    assert a["detections"] == b["detections"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -81,6 +81,7 @@ class Variant(_Model):
     parity: ParityReport | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # map50_95, map50, latency_ms_b1, box_agreement, ...
     quantization: dict[str, object] | None = None  # INT8: types, calibration, nodes kept in float, and why
+    encryption: dict[str, Any] | None = None  # protected bundles: AES-256-GCM nonce, plaintext hash (never the key)
 
 
 class RuntimeHint(_Model):

@@ -11,8 +11,8 @@ from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions, available_provid
 ENGINES = ("onnxruntime", "openvino")
 
 
-def open_engine(model: str | os.PathLike[str], engine: str = "onnxruntime", options: Any = None) -> Any:
-    """Open `model` with the named engine; `options` are OrtOptions or OvOptions (None: defaults)."""
+def open_engine(model: str | os.PathLike[str] | bytes | tuple[bytes, bytes], engine: str = "onnxruntime", options: Any = None) -> Any:
+    """Open `model` (a path, or bytes held in memory only) with the named engine; `options`: OrtOptions or OvOptions."""
     if engine == "onnxruntime":
         return OrtEngine(model, options if isinstance(options, OrtOptions) else OrtOptions())
     if engine == "openvino":

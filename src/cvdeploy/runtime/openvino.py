@@ -46,18 +46,29 @@ def _spec(port: Any) -> TensorSpec:
 class OvEngine:
     """An OpenVINO compiled model. Thread-safe: each thread gets its own infer request."""
 
-    def __init__(self, model: str | os.PathLike[str], options: OvOptions = OvOptions()) -> None:
+    def __init__(self, model: str | os.PathLike[str] | tuple[bytes, bytes], options: OvOptions = OvOptions()) -> None:
+        """`model`: an IR .xml path, or (xml bytes, weights bytes) to load from memory only."""
         ov = _ov()
-        p = Path(model)
-        if not p.is_file():
-            raise InputError(f"model file not found: {p}")
         config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint}
         if options.num_threads:
             config["INFERENCE_NUM_THREADS"] = options.num_threads
+        core = ov.Core()
+        if isinstance(model, tuple):
+            where = "model bytes"
+            try:
+                xml, weights = model
+                source = core.read_model(model=xml.decode(), weights=ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
+            except Exception as e:
+                raise EngineError(f"OpenVINO could not read the model from memory: {str(e).splitlines()[0]}") from e
+        else:
+            p = Path(model)
+            if not p.is_file():
+                raise InputError(f"model file not found: {p}")
+            source, where = str(p), str(p)
         try:
-            self._compiled = ov.Core().compile_model(str(p), options.device, config)
+            self._compiled = core.compile_model(source, options.device, config)
         except Exception as e:
-            raise EngineError(f"OpenVINO could not load {p}: {str(e).splitlines()[0]}") from e
+            raise EngineError(f"OpenVINO could not load {where}: {str(e).splitlines()[0]}") from e
         self.options = options
         self._inputs = [_spec(i) for i in self._compiled.inputs]
         self._outputs = [_spec(o) for o in self._compiled.outputs]

@@ -1,0 +1,39 @@
+"""`cvdeploy protect BUNDLE -o OUT --key-file K`: encrypt (and optionally obfuscate) every variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cvdeploy.cli.app import app, console
+from cvdeploy.cli.security import security_app
+
+
+@app.command()
+def protect(
+    bundle: Path = typer.Argument(..., help="The bundle to protect (left as it is)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The protected bundle to write."),
+    key_file: Path | None = typer.Option(None, help="The model key (32 bytes, raw, hex or base64); see `cvdeploy security model-key`."),
+    key_command: str | None = typer.Option(None, help="A command that prints the key (a KMS hook), instead of --key-file."),
+    obfuscate: bool = typer.Option(False, help="Also rename every layer and tensor, strip doc strings and producer, add inert nodes."),
+    force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+) -> None:
+    """Encrypt every variant with AES-256-GCM; predict and serve decrypt it in memory with the same key."""
+    from cvdeploy.security.protect import load_key, protect_bundle
+
+    key = load_key(key_file, key_command)
+    out = protect_bundle(bundle, output, key, obfuscate=obfuscate, force=force)
+    console.print(f"protected bundle written to {out}{' (obfuscated)' if obfuscate else ''}; give the key to predict or serve "
+                  "with $CVDEPLOY_MODEL_KEY_FILE (or $CVDEPLOY_MODEL_KEY / $CVDEPLOY_MODEL_KEY_COMMAND)", highlight=False)
+
+
+@security_app.command("model-key")
+def model_key(
+    path: Path = typer.Argument(..., help="Where to write a new random 256-bit key (mode 600)."),
+    force: bool = typer.Option(False, help="Replace an existing key file."),
+) -> None:
+    """Create a random model key for `cvdeploy protect`."""
+    from cvdeploy.security.protect import new_key_file
+
+    console.print(f"model key written to {new_key_file(path, force)} (keep it out of the bundle and out of version control)")
