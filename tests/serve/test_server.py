@@ -219,3 +219,24 @@ def test_a_protected_bundle_serves_identical_results(demo_bundle: Path, server, 
     a = httpx.post(f"{server.url}/v1/models/{MODEL}/predict", content=blob, params={"conf": 0.05}).json()
     b = httpx.post(f"{locked.url}/v1/models/{MODEL}/predict", content=blob, params={"conf": 0.05}).json()
     assert a["detections"] == b["detections"]
+
+
+def test_audit_log_records_inference_and_lifecycle(demo_bundle: Path, server_factory, image: Path, tmp_path: Path) -> None:
+    import hashlib
+    import sqlite3
+
+    from cvdeploy.security.audit import AuditLog, verify
+
+    key = b"a" * 32
+    log = AuditLog(tmp_path / "audit.db", key)
+    s = server_factory([str(demo_bundle)], audit=log)
+    blob = image.read_bytes()
+    assert httpx.post(f"{s.url}/v1/models/{MODEL}/predict", content=blob, headers={"x-request-id": "req-1"}).status_code == 200
+    assert httpx.post(f"{s.url}/v1/models/{MODEL}/predict", content=b"junk").status_code == 400
+    assert httpx.post(f"{s.url}/v2/repository/models/{MODEL}/load").status_code == 200
+    rows = sqlite3.connect(tmp_path / "audit.db").execute(
+        "SELECT action, outcome, resource, request_id, input_sha256, client FROM entries ORDER BY seq").fetchall()
+    assert rows[0][:2] == ("infer", "success") and rows[0][3] == "req-1" and rows[0][4] == hashlib.sha256(blob).hexdigest()
+    assert rows[0][2].startswith(f"{MODEL}@1#") and rows[0][5] == "127.0.0.1"
+    assert rows[1][:2] == ("infer", "failure") and rows[2][:2] == ("load_model", "success")
+    assert verify(tmp_path / "audit.db", key).ok

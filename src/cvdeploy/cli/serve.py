@@ -28,6 +28,9 @@ def serve(
     tls_cert: Path | None = typer.Option(None, help="Server certificate (PEM): serve HTTPS only, TLS 1.2 or newer."),
     tls_key: Path | None = typer.Option(None, help="The certificate's private key (PEM)."),
     tls_client_ca: Path | None = typer.Option(None, help="CA (PEM) that client certificates must be signed by: mutual TLS."),
+    audit_log: Path | None = typer.Option(None, help="Record inference access and model lifecycle in this tamper-evident log (SQLite)."),
+    audit_key_file: Path | None = typer.Option(None, help="The audit log's key (32 bytes; see `cvdeploy security model-key`)."),
+    audit_sample: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of inference requests recorded."),
 ) -> None:
     """Serve bundles over HTTP: Open Inference Protocol v2 (Triton clients work), an image API and /metrics."""
     try:
@@ -39,7 +42,14 @@ def serve(
         raise fail(f"serving needs {e.name}: install it with `pip install 'cvdeploy[serve]'`") from None
     settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, instances=instances,
                              request_timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                             max_pixels=int(max_megapixels * 1e6))
+                             max_pixels=int(max_megapixels * 1e6), audit_sample=audit_sample)
+    if audit_log is not None:
+        from cvdeploy.security.audit import AuditLog
+        from cvdeploy.security.protect import load_key
+
+        if audit_key_file is None:
+            raise fail("--audit-log needs --audit-key-file (the key that authenticates the log's chain)")
+        settings.audit = AuditLog(audit_log, load_key(audit_key_file))
     repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))

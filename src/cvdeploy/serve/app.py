@@ -151,6 +151,22 @@ async def _detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], o
     return results
 
 
+def _audit(repo: Repository, request: Request, action: str, outcome: str, resource: str, body: bytes | None = None) -> None:
+    log_ = repo.settings.audit
+    if log_ is None:
+        return
+    if action == "infer" and repo.settings.audit_sample < 1.0:
+        import random
+
+        if random.random() >= repo.settings.audit_sample:
+            return
+    import hashlib
+
+    log_.append(action, outcome, principal=None, auth_method="none", resource=resource,
+                client=request.client.host if request.client else None, request_id=getattr(request.state, "request_id", None),
+                input_sha256=hashlib.sha256(body).hexdigest() if body is not None else None)
+
+
 def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
     repo = repository
     metrics = repo.metrics
@@ -192,6 +208,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
     @app.middleware("http")
     async def access_log(request: Request, call_next):
         rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = rid
         t0 = time.perf_counter()
         metrics.in_flight.inc()
         status = 500
@@ -251,6 +268,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         m = _model(repo, name, version)
         t0 = time.perf_counter()
         outcome = "failure"
+        body: bytes | None = None
         try:
             m.__enter__()
             limit = repo.settings.max_body_bytes
@@ -263,6 +281,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             m.__exit__()
             metrics.requests.labels(m.name, m.version, outcome).inc()
             metrics.request_duration.labels(m.name, m.version, "v2").observe(time.perf_counter() - t0)
+            _audit(repo, request, "infer", outcome, f"{m.name}@{m.version}#{m.bundle.manifest.source.sha256[:12]}", body)
         if head_len is None:
             return Response(payload, media_type="application/json")
         return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(head_len)})
@@ -305,6 +324,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         m = _model(repo, name, version)
         t0 = time.perf_counter()
         outcome = "failure"
+        body = None
         try:
             m.__enter__()
             options = _options(m, conf, iou, max_det, classes)
@@ -316,6 +336,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             m.__exit__()
             metrics.requests.labels(m.name, m.version, outcome).inc()
             metrics.request_duration.labels(m.name, m.version, "images").observe(time.perf_counter() - t0)
+            _audit(repo, request, "infer", outcome, f"{m.name}@{m.version}#{m.bundle.manifest.source.sha256[:12]}", body)
         return {"model_name": m.name, "model_version": m.version, **result}
 
     # -- repository control (Triton's model repository extension) ---------------------------------
@@ -325,21 +346,26 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         return repo.index()
 
     @app.post("/v2/repository/models/{name}/load")
-    async def load(name: str) -> Response:
+    async def load(name: str, request: Request) -> Response:
         try:
-            await repo.load(name)
+            versions = await repo.load(name)
         except KeyError as e:
+            _audit(repo, request, "load_model", "not_found", name)
             raise ApiError(404, str(e.args[0])) from None
         except CvdeployError as e:
+            _audit(repo, request, "load_model", "failure", name)
             raise ApiError(400, f"could not load {name!r}; the version that was serving still serves: {e}") from None
+        _audit(repo, request, "load_model", "success", f"{name}@{','.join(versions)}")
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{name}/unload")
-    async def unload(name: str) -> Response:
+    async def unload(name: str, request: Request) -> Response:
         try:
             await repo.unload(name)
         except KeyError as e:
+            _audit(repo, request, "unload_model", "not_found", name)
             raise ApiError(404, str(e.args[0])) from None
+        _audit(repo, request, "unload_model", "success", name)
         return Response(status_code=200)
 
     @app.get("/metrics")

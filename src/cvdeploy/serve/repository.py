@@ -33,6 +33,8 @@ class ServeSettings:
     max_pixels: int = 40_000_000
     allowed_formats: tuple[str, ...] = ("jpeg", "png", "bmp", "webp", "tiff")
     warmup_runs: int = 2
+    audit: Any = None  # a cvdeploy.security.audit.AuditLog, or None
+    audit_sample: float = 1.0  # share of inference requests recorded (privileged actions always are)
 
 
 @dataclass
