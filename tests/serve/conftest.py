@@ -41,7 +41,8 @@ def start_server(sources: list[str], repository: str | None = None, *, tls: dict
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2, verify=client_verify if tls else True).status_code == 200:
+            # uvicorn binds only after the lifespan loaded every model: any answer (401 with auth on) means ready
+            if httpx.get(f"{url}/v2/health/ready", timeout=2, verify=client_verify if tls else True).status_code in (200, 401):
                 return Running(url, server, thread, repo)
         except httpx.HTTPError:
             pass

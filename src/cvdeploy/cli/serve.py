@@ -31,6 +31,12 @@ def serve(
     audit_log: Path | None = typer.Option(None, help="Record inference access and model lifecycle in this tamper-evident log (SQLite)."),
     audit_key_file: Path | None = typer.Option(None, help="The audit log's key (32 bytes; see `cvdeploy security model-key`)."),
     audit_sample: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of inference requests recorded."),
+    auth_keys: Path | None = typer.Option(None, help="Require authentication: the API key store (`cvdeploy security keys`)."),
+    jwt_secret_file: Path | None = typer.Option(None, help="Also accept JWTs signed with this HMAC secret (or PEM public key)."),
+    jwt_algorithm: str = typer.Option("HS256", help="The one JWT algorithm accepted (HS256, RS256, ES256, ...)."),
+    jwt_audience: str = typer.Option("cvdeploy", help="Required JWT audience."),
+    jwt_issuer: str | None = typer.Option(None, help="Required JWT issuer."),
+    auth_policy: Path | None = typer.Option(None, help="JSON policy: roles, mfa_required, rate_per_s, burst, trusted_proxies."),
 ) -> None:
     """Serve bundles over HTTP: Open Inference Protocol v2 (Triton clients work), an image API and /metrics."""
     try:
@@ -50,6 +56,16 @@ def serve(
         if audit_key_file is None:
             raise fail("--audit-log needs --audit-key-file (the key that authenticates the log's chain)")
         settings.audit = AuditLog(audit_log, load_key(audit_key_file))
+    if auth_keys is not None or jwt_secret_file is not None or auth_policy is not None:
+        from cvdeploy.security.auth import AuthPolicy, JwtConfig, KeyStore
+
+        store = KeyStore(auth_keys) if auth_keys is not None else None
+        jwt_cfg = None
+        if jwt_secret_file is not None:
+            if not jwt_secret_file.is_file():
+                raise fail(f"--jwt-secret-file: {jwt_secret_file} not found")
+            jwt_cfg = JwtConfig(jwt_secret_file.read_bytes().strip(), (jwt_algorithm,), jwt_audience, jwt_issuer)
+        settings.auth = AuthPolicy.from_file(auth_policy, store, jwt_cfg) if auth_policy else AuthPolicy(store, jwt_cfg)
     repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))

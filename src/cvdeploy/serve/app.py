@@ -151,7 +151,8 @@ async def _detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], o
     return results
 
 
-def _audit(repo: Repository, request: Request, action: str, outcome: str, resource: str, body: bytes | None = None) -> None:
+def _audit(repo: Repository, request: Request, action: str, outcome: str, resource: str, body: bytes | None = None,
+           details: str | None = None) -> None:
     log_ = repo.settings.audit
     if log_ is None:
         return
@@ -162,9 +163,54 @@ def _audit(repo: Repository, request: Request, action: str, outcome: str, resour
             return
     import hashlib
 
-    log_.append(action, outcome, principal=None, auth_method="none", resource=resource,
-                client=request.client.host if request.client else None, request_id=getattr(request.state, "request_id", None),
-                input_sha256=hashlib.sha256(body).hexdigest() if body is not None else None)
+    who = getattr(request.state, "principal", None)
+    log_.append(action, outcome, principal=who.name if who else None, role=who.role if who else None,
+                auth_method=who.method if who else "none", mfa=who.mfa if who else None, resource=resource,
+                client=getattr(request.state, "client", None) or (request.client.host if request.client else None),
+                request_id=getattr(request.state, "request_id", None),
+                input_sha256=hashlib.sha256(body).hexdigest() if body is not None else None, details=details)
+
+
+def _check_access(repo: Repository, request: Request) -> Response | None:
+    """Authentication, rate limits and RBAC (when the server has an auth policy); a response when refused."""
+    policy = repo.settings.auth
+    if policy is None:
+        return None
+    from cvdeploy.security.auth import AuthError, route_permission
+
+    peer = request.client.host if request.client else None
+    client = policy.client_address(peer, request.headers.get("x-forwarded-for"))
+    request.state.client = client
+    permission = route_permission(request.method, request.url.path)
+    wait = policy.rate_ok(f"addr:{client}")
+    try:
+        if wait:
+            raise AuthError(429, "too many requests from this address", "rate limited (address)")
+        try:
+            principal = policy.authenticate({k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
+        except AuthError as e:
+            _audit(repo, request, "authenticate", "failure", request.url.path, details=e.detail)
+            raise
+        request.state.principal = principal
+        _audit(repo, request, "authenticate", "success", request.url.path, details=principal.key_id)
+        wait = policy.rate_ok(f"principal:{principal.name}")
+        if wait:
+            raise AuthError(429, "too many requests for this principal", "rate limited (principal)")
+        try:
+            policy.authorize(principal, permission, request.headers.get("x-totp"))
+        except AuthError as e:
+            _audit(repo, request, "authorize", "denied", f"{request.method} {request.url.path}", details=e.detail)
+            raise
+        if permission in policy.mfa_required:
+            _audit(repo, request, "authorize", "success", f"{request.method} {request.url.path}", details="step-up TOTP")
+    except AuthError as e:
+        headers = {"Retry-After": str(max(1, int(wait + 0.999)))} if e.status == 429 else {}
+        if e.status == 429:
+            _audit(repo, request, "rate_limit", "denied", request.url.path, details=e.detail)
+        if e.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="cvdeploy"'
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
+    return None
 
 
 def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
@@ -213,7 +259,8 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         metrics.in_flight.inc()
         status = 500
         try:
-            response = await call_next(request)
+            denied = _check_access(repo, request)
+            response = denied if denied is not None else await call_next(request)
             status = response.status_code
         except Exception:  # an unexpected failure: log it, answer 500 without internals
             logging.getLogger("cvdeploy.serve").exception("unhandled error on %s %s", request.method, request.url.path)

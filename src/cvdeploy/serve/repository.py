@@ -35,6 +35,7 @@ class ServeSettings:
     warmup_runs: int = 2
     audit: Any = None  # a cvdeploy.security.audit.AuditLog, or None
     audit_sample: float = 1.0  # share of inference requests recorded (privileged actions always are)
+    auth: Any = None  # a cvdeploy.security.auth.AuthPolicy, or None (no authentication: keep the server on loopback)
 
 
 @dataclass
