@@ -65,14 +65,15 @@ def raw_limit(bundle: Path, images: list[bytes], seconds: float = 4.0) -> dict[s
 
 
 async def load(url: str, model: str, images: list[bytes], concurrency: int, requests: int | None, seconds: float | None,
-               on_sample=None) -> dict[str, float]:
+               on_sample=None, verify=True, headers=None) -> dict[str, float]:
     import httpx
 
     lat: list[float] = []
     errors = 0
     issued = 0
     start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency), verify=verify,
+                                 headers=headers) as c:
 
         async def worker() -> None:
             nonlocal issued, errors
@@ -102,6 +103,55 @@ async def load(url: str, model: str, images: list[bytes], concurrency: int, requ
             "p50_ms": statistics.median(lat), "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))]}
 
 
+def compare_secure(bundle: Path, plain_url: str, model: str, images: list[bytes], args) -> dict:
+    """Plain against TLS + API key + audit log at concurrency 8, alternating rounds in one run."""
+    import ssl
+
+    import httpx
+
+    from cvdeploy.security.auth import KeyStore
+    from cvdeploy.security.protect import new_key_file
+    from cvdeploy.security.tls import make_dev_pki
+
+    d = Path(tempfile.mkdtemp(prefix="cvdeploy-secure-"))
+    pki = make_dev_pki(d / "pki")
+    _, api_key = KeyStore(d / "keys.db").create("bench", "predictor")
+    new_key_file(d / "audit.key")
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "cvdeploy", "serve", str(bundle), "--port", str(port),
+                             "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms), "--log-level", "warning",
+                             "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--auth-keys", str(d / "keys.db"),
+                             "--audit-log", str(d / "audit.db"), "--audit-key-file", str(d / "audit.key")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1, verify=ctx, headers=headers).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        asyncio.run(load(url, model, images, 4, 40, None, verify=ctx, headers=headers))
+        plain, secure = [], []
+        for _ in range(args.secure_rounds):
+            plain.append(asyncio.run(load(plain_url, model, images, 8, args.requests, None))["throughput_ips"])
+            r = asyncio.run(load(url, model, images, 8, args.requests, None, verify=ctx, headers=headers))
+            if r["errors"]:
+                raise RuntimeError(f"secure server answered {r['errors']} errors")
+            secure.append(r["throughput_ips"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    out = {"plain_ips": statistics.median(plain), "secure_ips": statistics.median(secure), "rounds": args.secure_rounds}
+    out["throughput_loss"] = 1 - out["secure_ips"] / out["plain_ips"]
+    print(f"TLS + auth + audit at c=8: {out['secure_ips']:.1f} img/s against {out['plain_ips']:.1f} plain: "
+          f"{100 * out['throughput_loss']:.1f} % loss (median of {args.secure_rounds} alternating rounds)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None)
@@ -111,6 +161,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-delay-ms", type=float, default=5.0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--secure-rounds", type=int, default=0,
+                    help="also compare plain serving with TLS + API key auth + audit log at c=8 over this many alternating rounds")
     args = ap.parse_args()
 
     import cv2
@@ -164,12 +216,15 @@ def main() -> None:
                     "rss_last_third_mb": statistics.median(samples[-third:]), "rss_samples": len(samples)}
             print(f"soak {args.soak:.0f} s at c=8: {r['requests']} requests, {r['errors']} errors, RSS "
                   f"{soak['rss_first_third_mb']:.0f} -> {soak['rss_last_third_mb']:.0f} MB (medians of first and last thirds)")
+        secure = None
+        if args.secure_rounds:
+            secure = compare_secure(bundle, url, model, images, args)
     finally:
         server.terminate()
         server.wait(timeout=60)
     c8 = next((r for r in rows if r["concurrency"] == 8), None)
     figures = {"machine": {"python": platform.python_version(), "cpu": cpu_info(), "cores": os.cpu_count()},
-               "raw_limit_ips": limit, "raw_best_ips": best, "rows": rows, "soak": soak,
+               "raw_limit_ips": limit, "raw_best_ips": best, "rows": rows, "soak": soak, "secure": secure,
                "c8_vs_raw": None if c8 is None else round(c8["vs_raw_limit"], 3),
                "pass": c8 is not None and c8["vs_raw_limit"] >= 0.85 and all(r["errors"] == 0 for r in rows)}
     print(json.dumps({"c8_vs_raw": figures["c8_vs_raw"], "pass": figures["pass"]}))
