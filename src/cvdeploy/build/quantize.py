@@ -102,6 +102,10 @@ class _Calibration:
     def rewind(self) -> None:
         self._it = iter(self._tensors)
 
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for t in self._tensors:
+            yield {self.input_name: t}
+
 
 def quantize_int8(
     src: str | os.PathLike[str],

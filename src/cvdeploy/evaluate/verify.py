@@ -60,7 +60,8 @@ def verify_bundle(
     checks = []
     for name, v in bundle.manifest.variants.items():
         step(name, "golden parity")
-        report, agreement, problem = golden_check(bundle, bundle.variant_path(name), v.precision, providers or None)
+        report, agreement, problem = golden_check(bundle, bundle.variant_path(name), v.precision, providers or None,
+                                                  engine_kind=v.engine)
         worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in report.outputs.values())
         recorded = None
         if v.parity is not None:
