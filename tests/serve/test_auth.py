@@ -148,3 +148,20 @@ def test_keys_are_stored_hashed_only(secured) -> None:
 @pytest.fixture(scope="module")
 def image_bytes(shapes_data: Path) -> bytes:
     return sorted((shapes_data / "images" / "val").glob("*.jpg"))[0].read_bytes()
+
+
+def test_admin_routes_need_admin_and_totp(secured) -> None:
+    server, keys, totps, _, _, policy = secured
+    assert call(server, "GET", "/admin/audit", keys["operator"]).status_code == 403
+    assert call(server, "GET", "/admin/audit", keys["admin"]).status_code == 401  # no TOTP
+    r = call(server, "GET", "/admin/audit?limit=5", keys["admin"], headers={"X-TOTP": totp(totps["admin"])})
+    assert r.status_code == 200 and len(r.json()) == 5 and {"seq", "action", "outcome"} <= set(r.json()[0])
+    created = call(server, "POST", "/admin/keys", keys["admin"], json={"principal": "new", "role": "viewer"},
+                   headers={"X-TOTP": totp(totps["admin"], at=time.time() + 30)})
+    assert created.status_code == 200, created.text
+    new_key = created.json()["key"]
+    assert call(server, "GET", f"/v2/models/{MODEL}", new_key).status_code == 200
+    fresh = policy.store.enrol_totp("admin-user")  # codes are single-use and only one step ahead is accepted: re-enrol
+    revoked = call(server, "POST", f"/admin/keys/{created.json()['key_id']}/revoke", keys["admin"], headers={"X-TOTP": totp(fresh)})
+    assert revoked.status_code == 200
+    assert call(server, "GET", f"/v2/models/{MODEL}", new_key).status_code == 401

@@ -106,6 +106,12 @@ class AuditLog:
         Path(path).write_text(json.dumps(cp, indent=2))
         return cp
 
+    def tail(self, n: int = 100) -> list[dict[str, Any]]:
+        """The last `n` entries, newest last."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT seq, {', '.join(FIELDS)} FROM entries ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
+        return [dict(zip(("seq", *FIELDS), r, strict=True)) for r in reversed(rows)]
+
     def close(self) -> None:
         self._db.close()
 

@@ -54,6 +54,10 @@ def route_permission(method: str, path: str) -> str | None:
         return "metadata"
     if path == "/metrics":
         return "metrics"
+    if path == "/admin/audit" and method == "GET":
+        return "audit"
+    if path == "/admin/keys" or path.startswith("/admin/keys/"):
+        return "keys"
     if path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
         return "docs"
     return None

@@ -415,6 +415,39 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         _audit(repo, request, "unload_model", "success", name)
         return Response(status_code=200)
 
+    # -- administration (only with authentication on: admin role and a fresh TOTP code) -------------
+
+    @app.get("/admin/audit")
+    async def read_audit(request: Request, limit: int = 100) -> list:
+        if repo.settings.auth is None or repo.settings.audit is None:
+            raise ApiError(404, "the audit API needs authentication and an audit log (serve --auth-keys --audit-log)")
+        _audit(repo, request, "read_audit", "success", f"last {limit}")
+        return repo.settings.audit.tail(max(1, min(limit, 1000)))
+
+    @app.post("/admin/keys")
+    async def create_key(request: Request) -> dict:
+        store = repo.settings.auth.store if repo.settings.auth is not None else None
+        if store is None:
+            raise ApiError(404, "key management needs authentication with a key store (serve --auth-keys)")
+        try:
+            doc = json.loads(await _body(request, 64 * 1024))
+            principal, role = str(doc["principal"]), str(doc["role"])
+            ttl = float(doc.get("ttl_days", 90))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise ApiError(400, 'expected JSON {"principal": ..., "role": ..., "ttl_days": 90}') from None
+        key_id, key = store.create(principal, role, ttl_days=ttl)
+        _audit(repo, request, "create_key", "success", f"{key_id} {principal} {role}")
+        return {"key_id": key_id, "key": key, "principal": principal, "role": role, "note": "shown once"}
+
+    @app.post("/admin/keys/{key_id}/revoke")
+    async def revoke_key(key_id: str, request: Request) -> Response:
+        store = repo.settings.auth.store if repo.settings.auth is not None else None
+        if store is None:
+            raise ApiError(404, "key management needs authentication with a key store (serve --auth-keys)")
+        store.revoke(key_id)
+        _audit(repo, request, "revoke_key", "success", key_id)
+        return Response(status_code=200)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
