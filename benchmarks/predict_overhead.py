@@ -6,8 +6,9 @@ One run measures, on the same images, with the same ONNX file and the same threa
   raw       session.run on the tensor the Predictor already preprocessed (the engine alone)
   cvdeploy  Predictor.predict(jpeg_bytes): decode + letterbox + engine + NMS + boxes to pixels
   ultra     ultralytics.YOLO(onnx).predict(path) (its own decode, preprocessing, torch NMS)
-The three are interleaved image by image so that machine noise hits them alike; the figures are
-medians of per-image times, with ratios. Targets (issue 2): overhead (cvdeploy - raw) / raw <= 10 %,
+The three are interleaved image by image, in a rotating order with a short pause between calls (so
+that machine noise, and the spinning of the previous session's threads, hit them alike); the figures
+are medians of per-image times, with ratios. Targets (issue 2): overhead (cvdeploy - raw) / raw <= 10 %,
 cvdeploy / ultra <= 1.0.
 """
 
@@ -101,11 +102,15 @@ def main() -> None:
     for i in range(min(5, len(images))):  # warmup: first calls allocate and are excluded
         raw(i), ours(i), theirs(i)
     t_raw, t_ours, t_theirs, stages = [], [], [], []
-    for _ in range(args.repeats):
+    calls = ((raw, t_raw), (ours, t_ours), (theirs, t_theirs))
+    for rep in range(args.repeats):
         for i in range(len(images)):
-            t_raw.append(timed(raw, i))
-            t_ours.append(timed(ours, i))
-            t_theirs.append(timed(theirs, i))
+            # Rotate the order and pause between calls: an ONNX Runtime session's threads keep spinning a
+            # little after a run, and would otherwise slow whichever method always comes next.
+            for k in range(3):
+                fn, out = calls[(i + rep + k) % 3]
+                time.sleep(0.02)
+                out.append(timed(fn, i))
         stages.append(predictor.predict(blobs[0]).timings.to_dict())
 
     med = statistics.median

@@ -121,6 +121,10 @@ class KeyStore:
             os.chmod(self.path, 0o600)
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        # argon2id is slow on purpose; once a key's secret has been verified, later requests compare a
+        # SHA-256 of it in constant time (revocation and expiry are still read from the store every time).
+        self._verified: dict[str, tuple[bytes, float]] = {}
+        self.cache_s = 300.0
 
     def create(self, principal: str, role: str, *, ttl_days: float | None = 90) -> tuple[str, str]:
         """A new key: returns (key id, the full key shown once)."""
@@ -135,6 +139,7 @@ class KeyStore:
         return key_id, f"{KEY_PREFIX}{key_id}.{secret}"
 
     def revoke(self, key_id: str) -> None:
+        self._verified.pop(key_id, None)
         with self._lock:
             if self._db.execute("UPDATE keys SET revoked=? WHERE key_id=? AND revoked IS NULL", (time.time(), key_id)).rowcount == 0:
                 raise InputError(f"no active key {key_id!r}")
@@ -153,10 +158,14 @@ class KeyStore:
         if row is None:
             _argon2().hash(secret)  # spend the same time as for a known id
             raise AuthError(401, "invalid API key", f"unknown key id {key_id}")
-        try:
-            _argon2().verify(row[0], secret)
-        except (VerifyMismatchError, VerificationError):
-            raise AuthError(401, "invalid API key", f"wrong secret for key {key_id}") from None
+        digest = hashlib.sha256(secret.encode()).digest()
+        cached = self._verified.get(key_id)
+        if cached is None or cached[1] < time.monotonic() or not hmac.compare_digest(cached[0], digest):
+            try:
+                _argon2().verify(row[0], secret)
+            except (VerifyMismatchError, VerificationError):
+                raise AuthError(401, "invalid API key", f"wrong secret for key {key_id}") from None
+            self._verified[key_id] = (digest, time.monotonic() + self.cache_s)
         if row[4] is not None:
             raise AuthError(401, "invalid API key", f"revoked key {key_id} used")
         if row[3] is not None and row[3] < time.time():
