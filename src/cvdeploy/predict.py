@@ -58,8 +58,13 @@ class Predictor:
             raise InputError(f"the Predictor runs {', '.join(SUPPORTED_TASKS)} models; {self.bundle.name!r} is a {m.task} model")
         self.variant = variant or choose_variant(self.bundle)
         if engine_options is None and (hint := self.bundle.runtime_hint(self.variant)) is not None:
-            engine_options = OrtOptions(intra_op_threads=hint.intra_op_threads, inter_op_threads=hint.inter_op_threads,
-                                        execution_mode=hint.execution_mode, graph_optimization=hint.graph_optimization)
+            if hint.engine == "openvino":
+                from cvdeploy.runtime.openvino import OvOptions
+
+                engine_options = OvOptions(hint=hint.ov_hint or "LATENCY", num_threads=hint.ov_threads)
+            else:
+                engine_options = OrtOptions(intra_op_threads=hint.intra_op_threads, inter_op_threads=hint.inter_op_threads,
+                                            execution_mode=hint.execution_mode, graph_optimization=hint.graph_optimization)
         kind = m.variants[self.variant].engine if self.variant in m.variants else "onnxruntime"
         path = self.bundle.variant_path(self.variant)
         if m.variants[self.variant].encryption:  # a protected bundle: decrypted in memory, never written out

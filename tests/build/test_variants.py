@@ -173,3 +173,27 @@ def test_verify_passes_then_names_what_drifted(with_variants: tuple[Path, list],
     f.write_bytes(f.read_bytes()[:-10])
     tampered = verify()
     assert tampered.returncode == 1 and "variant 'onnx-fp16'" in tampered.stderr and "Traceback" not in tampered.stderr
+
+
+def test_openvino_variants_can_be_tuned_and_profiled(with_variants: tuple[Path, list], tmp_path: Path) -> None:
+    import numpy as np
+
+    from cvdeploy.bench.profile import profile_openvino
+    from cvdeploy.bench.tune import hint_from, tune
+    from cvdeploy.runtime.openvino import OvOptions
+
+    b, _ = with_variants
+    copy = tmp_path / "t.cvd"
+    shutil.copytree(b, copy)
+    bundle = Bundle.load(copy)
+    xml = bundle.variant_path("openvino-int8")
+    x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+    result = tune(xml, x, engine_kind="openvino", rounds=1, per_round=2, warmup=1,
+                  space=[OvOptions(hint="THROUGHPUT"), OvOptions(num_threads=1)])
+    assert len(result.trials) == 3 and result.default.options == OvOptions()
+    bundle.manifest.runtime = [hint_from(result, "openvino-int8", batch=1, concurrency=1, cpu="test")]
+    bundle.save_manifest()
+    with Predictor(copy, "openvino-int8") as p:
+        assert p.engine.options == result.best.options  # the Predictor applies the OpenVINO hint
+    prof = profile_openvino(xml, {"images": x}, runs=2, warmup=1, trace_out=tmp_path / "ov.json")
+    assert prof.nodes and sum(n.share for n in prof.nodes) == pytest.approx(1.0) and (tmp_path / "ov.json").is_file()

@@ -106,3 +106,45 @@ def profile_onnx(
     op_types = sorted((NodeTime(op, op, sum(v) / 1000.0 / measured, sum(v) / all_us, len(v)) for op, v in by_op.items()),
                       key=lambda n: -n.ms_per_run)
     return OpProfile(measured, nodes, op_types, all_us / 1000.0 / measured, trace)
+
+
+def profile_openvino(model: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, runs: int = 20, warmup: int = 3,
+                     hint: str = "LATENCY", trace_out: str | os.PathLike[str] | None = None) -> OpProfile:
+    """OpenVINO's per-layer performance counters (PERF_COUNT), summed over `runs` measured inferences.
+
+    `trace_out` receives the counters as JSON (layer, type, execution type, microseconds per run).
+    """
+    if runs < 1 or warmup < 0:
+        raise InputError(f"profile needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    from cvdeploy.runtime.openvino import _ov
+
+    ov = _ov()
+    compiled = ov.Core().compile_model(str(model), "CPU", {"PERFORMANCE_HINT": hint, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    for _ in range(warmup):
+        request.infer(feeds)
+    totals: dict[str, list[Any]] = defaultdict(lambda: ["", "", 0.0])
+    for _ in range(runs):
+        request.infer(feeds)
+        for info in request.get_profiling_info():
+            us = info.real_time.total_seconds() * 1e6
+            if us <= 0:
+                continue
+            t = totals[info.node_name]
+            t[0], t[1] = info.node_type, info.exec_type
+            t[2] += us
+    all_us = sum(v[2] for v in totals.values()) or 1.0
+    nodes = sorted((NodeTime(name, f"{v[0]} ({v[1]})", v[2] / 1000.0 / runs, v[2] / all_us) for name, v in totals.items()),
+                   key=lambda n: -n.ms_per_run)
+    by_op: dict[str, list[float]] = defaultdict(list)
+    for v in totals.values():
+        by_op[v[0]].append(v[2])
+    op_types = sorted((NodeTime(op, op, sum(v) / 1000.0 / runs, sum(v) / all_us, len(v)) for op, v in by_op.items()),
+                      key=lambda n: -n.ms_per_run)
+    trace = None
+    if trace_out is not None:
+        trace = Path(trace_out)
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(json.dumps([{"layer": n.name, "type": n.op_type, "us_per_run": round(n.ms_per_run * 1000, 2)}
+                                     for n in nodes], indent=1))
+    return OpProfile(runs, nodes, op_types, all_us / 1000.0 / runs, trace)

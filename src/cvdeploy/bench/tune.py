@@ -20,7 +20,21 @@ import numpy as np
 
 from cvdeploy.bundle.manifest import RuntimeHint
 from cvdeploy.errors import InputError
-from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
+from cvdeploy.runtime.onnxruntime import OrtOptions
+
+
+def ov_candidates(cores: int | None = None) -> list[Any]:
+    """OpenVINO: performance hint (LATENCY, THROUGHPUT) x inference threads (default, 1, all cores); the default first."""
+    from cvdeploy.runtime.openvino import OvOptions
+
+    cores = cores or os.cpu_count() or 1
+    out = [OvOptions()]
+    for hint in ("LATENCY", "THROUGHPUT"):
+        for t in sorted({0, 1, cores}):
+            o = OvOptions(hint=hint, num_threads=t)
+            if o not in out:
+                out.append(o)
+    return out
 
 
 def candidates(cores: int | None = None) -> list[OrtOptions]:
@@ -42,7 +56,9 @@ def candidates(cores: int | None = None) -> list[OrtOptions]:
     return unique
 
 
-def describe(o: OrtOptions) -> str:
+def describe(o: Any) -> str:
+    if not isinstance(o, OrtOptions):
+        return f"OpenVINO {o.hint.lower()}, threads {o.num_threads or 'auto'}"
     inter = f", inter {o.inter_op_threads}" if o.execution_mode == "parallel" else ""
     return f"intra {o.intra_op_threads or 'auto'}{inter}, {o.execution_mode}, opt {o.graph_optimization}"
 
@@ -54,9 +70,10 @@ class Trial:
     samples: int
 
     def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
         return {"settings": describe(self.options), "median_ms": round(self.median_ms, 3), "samples": self.samples,
-                "intra_op_threads": self.options.intra_op_threads, "inter_op_threads": self.options.inter_op_threads,
-                "execution_mode": self.options.execution_mode, "graph_optimization": self.options.graph_optimization}
+                **asdict(self.options)}
 
 
 @dataclass(frozen=True)
@@ -73,7 +90,7 @@ class TuneResult:
         return self.default.median_ms / self.best.median_ms if self.best.median_ms > 0 else 1.0
 
 
-def _time_once(engine: OrtEngine, feeds: dict[str, np.ndarray], concurrency: int, pool: ThreadPoolExecutor | None) -> float:
+def _time_once(engine: Any, feeds: dict[str, np.ndarray], concurrency: int, pool: ThreadPoolExecutor | None) -> float:
     """Milliseconds per request: one run, or `concurrency` runs in flight divided by their number."""
     t0 = time.perf_counter()
     if pool is None:
@@ -91,21 +108,30 @@ def tune(
     rounds: int = 5,
     per_round: int = 3,
     warmup: int = 2,
-    space: list[OrtOptions] | None = None,
+    space: list[Any] | None = None,
     on_step: Callable[[str], None] | None = None,
+    engine_kind: str = "onnxruntime",
 ) -> TuneResult:
     """Time every candidate on `tensor` (already preprocessed, with the batch to tune for)."""
+    from cvdeploy.runtime import open_engine
+
     if concurrency < 1 or rounds < 1 or per_round < 1 or warmup < 0:
         raise InputError("tune needs concurrency, rounds and per_round >= 1 and warmup >= 0")
-    space = space or candidates()
-    if OrtOptions() not in space:
-        space = [OrtOptions(), *space]
+    if engine_kind == "openvino":
+        from cvdeploy.runtime.openvino import OvOptions
+
+        default: Any = OvOptions()
+        space = space or ov_candidates()
+    else:
+        default = OrtOptions()
+        space = space or candidates()
+    if default not in space:
+        space = [default, *space]
     engines = []
     for o in space:
         if on_step:
             on_step(f"load · {describe(o)}")
-        engine = OrtEngine(model, o)
-        engines.append(engine)
+        engines.append(open_engine(model, engine_kind, o))
     feeds = {engines[0].inputs[0].name: tensor}
     samples: list[list[float]] = [[] for _ in space]
     with ThreadPoolExecutor(max_workers=concurrency) if concurrency > 1 else nullcontext() as pool:
@@ -120,12 +146,17 @@ def tune(
     for e in engines:
         e.close()
     trials = [Trial(o, float(np.median(s)), len(s)) for o, s in zip(space, samples, strict=True)]
-    default = next(t for t in trials if t.options == OrtOptions())
-    return TuneResult(sorted(trials, key=lambda t: t.median_ms), default)
+    base = next(t for t in trials if t.options == default)
+    return TuneResult(sorted(trials, key=lambda t: t.median_ms), base)
 
 
 def hint_from(result: TuneResult, variant: str, *, batch: int, concurrency: int, cpu: str) -> RuntimeHint:
     o = result.best.options
+    if not isinstance(o, OrtOptions):
+        return RuntimeHint(variant=variant, engine="openvino", ov_hint=o.hint, ov_threads=o.num_threads, batch=batch,  # type: ignore[arg-type]
+                           concurrency=concurrency, objective="latency" if concurrency == 1 and batch == 1 else "throughput",
+                           tuned_ms=round(result.best.median_ms, 3), default_ms=round(result.default.median_ms, 3), cpu=cpu,
+                           tuned_at=datetime.now(UTC).isoformat(timespec="seconds"))
     return RuntimeHint(
         variant=variant, intra_op_threads=o.intra_op_threads, inter_op_threads=o.inter_op_threads,
         execution_mode=o.execution_mode, graph_optimization=o.graph_optimization,  # type: ignore[arg-type]

@@ -92,6 +92,9 @@ class RuntimeHint(_Model):
     inter_op_threads: int = Field(0, ge=0)
     execution_mode: Literal["sequential", "parallel"] = "sequential"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    engine: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    ov_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] | None = None  # OpenVINO variants
+    ov_threads: int = Field(0, ge=0)
     batch: int = Field(1, ge=1)
     concurrency: int = Field(1, ge=1)
     objective: Literal["latency", "throughput"] = "latency"

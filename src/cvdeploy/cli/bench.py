@@ -187,8 +187,14 @@ def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | N
         tensor, _ = predictor.preprocess([load_image(data[0])])
         path = predictor.bundle.variant_path(predictor.variant)
         feeds = {predictor.engine.inputs[0].name: tensor}
+        kind = predictor.bundle.manifest.variants[predictor.variant].engine
         predictor.close()
-        prof = profile_onnx(path, feeds, trace_out=trace)
+        if kind == "openvino":
+            from cvdeploy.bench.profile import profile_openvino
+
+            prof = profile_openvino(path, feeds, trace_out=trace)
+        else:
+            prof = profile_onnx(path, feeds, trace_out=trace)
     nodes, ops = prof.top(top)
     head = f"{prof.node_ms_per_run:.2f} ms of kernel time per run, {prof.runs} runs"
     t = Table(title=f"slowest nodes · {head}", title_style="bold")
@@ -203,7 +209,7 @@ def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | N
     for n in ops:
         t.add_row(n.op_type, str(n.calls), f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%")
     console.print(t)
-    console.print(f"trace: {trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    console.print(f"trace: {trace}" + ("" if kind == "openvino" else " (open in https://ui.perfetto.dev or chrome://tracing)"))
     return prof.to_dict(top)
 
 
@@ -226,9 +232,7 @@ def tune_cmd(
     from cvdeploy.vision.image import load_image
 
     predictor = Predictor(bundle, variant)
-    if predictor.bundle.manifest.variants[predictor.variant].engine != "onnxruntime":
-        raise fail(f"tune searches ONNX Runtime settings; {predictor.variant} runs on "
-                   f"{predictor.bundle.manifest.variants[predictor.variant].engine}")
+    kind = predictor.bundle.manifest.variants[predictor.variant].engine
     if save and predictor.bundle.root is None:
         raise fail(f"{bundle} is a plain .onnx file: build a bundle to store settings, or pass --dry-run")
     data = bench_images(images, n=batch)
@@ -237,7 +241,7 @@ def tune_cmd(
     predictor.close()
     with console.status("tuning") as status:
         result = tune(path, tensor, concurrency=concurrency, rounds=rounds, per_round=per_round,
-                      on_step=lambda s: status.update(f"tuning · {s}"))
+                      on_step=lambda s: status.update(f"tuning · {s}"), engine_kind=kind)
     table = Table(title=f"{predictor.bundle.name} · {name} · batch {batch} · concurrency {concurrency}", title_style="bold")
     for col in ("#", "settings", "median ms / request", "vs default"):
         table.add_column(col, justify="left" if col == "settings" else "right")
@@ -247,7 +251,7 @@ def tune_cmd(
                       f"{result.default.median_ms / t.median_ms:.2f}x")
     console.print(table)
     console.print(f"best: [bold]{describe(result.best.options)}[/], {result.best.median_ms:.2f} ms against "
-                  f"{result.default.median_ms:.2f} ms with ONNX Runtime's defaults ({result.speedup:.2f}x), "
+                  f"{result.default.median_ms:.2f} ms with the engine's defaults ({result.speedup:.2f}x), "
                   f"{len(result.trials)} candidates", highlight=False)
     hint = hint_from(result, name, batch=batch, concurrency=concurrency, cpu=str(cpu_info().get("model", "")))
     if save:

@@ -42,8 +42,9 @@ def info(
         console.print(f"parity measured against: {', '.join(sorted(refs))} on the golden inputs", highlight=False)
     for h in m.runtime:
         inter = f", inter {h.inter_op_threads}" if h.execution_mode == "parallel" else ""
-        console.print(f"tuned engine settings for {h.variant}: intra {h.intra_op_threads or 'auto'}{inter}, {h.execution_mode}, "
-                      f"opt {h.graph_optimization} ({h.tuned_ms:.2f} ms against {h.default_ms:.2f} ms by default at batch "
+        what = (f"OpenVINO {(h.ov_hint or 'LATENCY').lower()}, threads {h.ov_threads or 'auto'}" if h.engine == "openvino"
+                else f"intra {h.intra_op_threads or 'auto'}{inter}, {h.execution_mode}, opt {h.graph_optimization}")
+        console.print(f"tuned engine settings for {h.variant}: {what} ({h.tuned_ms:.2f} ms against {h.default_ms:.2f} ms by default at batch "
                       f"{h.batch}, concurrency {h.concurrency}; measured on {h.cpu or '?'} {h.tuned_at})", highlight=False)
     src = m.source
     console.print(f"source: {src.file} ({src.format}, sha256 {src.sha256[:12]}) exported by {src.exporter or '?'}; "
