@@ -24,6 +24,21 @@ class TensorSpec:
         return any(not isinstance(d, int) for d in self.shape)
 
 
+def check_feeds(inputs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
+    """Refuse feeds whose names, ranks, fixed dimensions or dtypes do not match the model's inputs."""
+    from cvdeploy.errors import InputError
+
+    expected = {i.name: i for i in inputs}
+    if set(feeds) != set(expected):
+        raise InputError(f"model inputs are {sorted(expected)}, got {sorted(feeds)}")
+    for name, arr in feeds.items():
+        spec = expected[name]
+        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape, strict=True)):
+            raise InputError(f"input {name!r}: expected shape {list(spec.shape)}, got {list(arr.shape)}")
+        if str(arr.dtype) != spec.dtype:
+            raise InputError(f"input {name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A loaded model ready to run; `run` times nothing but the engine call."""

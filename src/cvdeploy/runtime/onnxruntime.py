@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.errors import EngineError, InputError, MissingDependencyError
-from cvdeploy.runtime.base import TensorSpec
+from cvdeploy.runtime.base import TensorSpec, check_feeds
 
 # Preferred order: the fastest provider present wins unless the caller names its own.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -136,25 +136,12 @@ class OrtEngine:
         return self._session
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._check(feeds)
+        check_feeds(self._inputs, feeds)
         try:
             outs = self._session.run(self._output_names, feeds)
         except Exception as e:
             raise EngineError(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0]}") from e
         return dict(zip(self._output_names, outs, strict=True))
-
-    def _check(self, feeds: dict[str, np.ndarray]) -> None:
-        expected = {i.name: i for i in self._inputs}
-        if set(feeds) != set(expected):
-            raise InputError(f"model inputs are {sorted(expected)}, got {sorted(feeds)}")
-        for name, arr in feeds.items():
-            spec = expected[name]
-            if arr.ndim != len(spec.shape) or any(
-                isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape, strict=True)
-            ):
-                raise InputError(f"input {name!r}: expected shape {list(spec.shape)}, got {list(arr.shape)}")
-            if str(arr.dtype) != spec.dtype:
-                raise InputError(f"input {name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.errors import EngineError, InputError, MissingDependencyError
-from cvdeploy.runtime.base import TensorSpec
+from cvdeploy.runtime.base import TensorSpec, check_feeds
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 _OV_DTYPES = {"f32": "float32", "f16": "float16", "u8": "uint8", "i8": "int8", "i32": "int32", "i64": "int64", "boolean": "bool"}
@@ -91,15 +91,7 @@ class OvEngine:
         return {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = {i.name: i for i in self._inputs}
-        if set(feeds) != set(expected):
-            raise InputError(f"model inputs are {sorted(expected)}, got {sorted(feeds)}")
-        for name, arr in feeds.items():
-            spec = expected[name]
-            if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape, strict=True)):
-                raise InputError(f"input {name!r}: expected shape {list(spec.shape)}, got {list(arr.shape)}")
-            if str(arr.dtype) != spec.dtype:
-                raise InputError(f"input {name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
+        check_feeds(self._inputs, feeds)
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()

@@ -424,11 +424,15 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         _audit(repo, request, "read_audit", "success", f"last {limit}")
         return repo.settings.audit.tail(max(1, min(limit, 1000)))
 
-    @app.post("/admin/keys")
-    async def create_key(request: Request) -> dict:
+    def key_store() -> Any:
         store = repo.settings.auth.store if repo.settings.auth is not None else None
         if store is None:
             raise ApiError(404, "key management needs authentication with a key store (serve --auth-keys)")
+        return store
+
+    @app.post("/admin/keys")
+    async def create_key(request: Request) -> dict:
+        store = key_store()
         try:
             doc = json.loads(await _body(request, 64 * 1024))
             principal, role = str(doc["principal"]), str(doc["role"])
@@ -441,10 +445,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
 
     @app.post("/admin/keys/{key_id}/revoke")
     async def revoke_key(key_id: str, request: Request) -> Response:
-        store = repo.settings.auth.store if repo.settings.auth is not None else None
-        if store is None:
-            raise ApiError(404, "key management needs authentication with a key store (serve --auth-keys)")
-        store.revoke(key_id)
+        key_store().revoke(key_id)
         _audit(repo, request, "revoke_key", "success", key_id)
         return Response(status_code=200)
 
