@@ -240,3 +240,21 @@ def test_audit_log_records_inference_and_lifecycle(demo_bundle: Path, server_fac
     assert rows[0][2].startswith(f"{MODEL}@1#") and rows[0][5] == "127.0.0.1"
     assert rows[1][:2] == ("infer", "failure") and rows[2][:2] == ("load_model", "success")
     assert verify(tmp_path / "audit.db", key).ok
+
+
+def test_a_failed_load_keeps_the_serving_version(demo_bundle: Path, server_factory, image: Path, tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "models"
+    shutil.copytree(demo_bundle, repo / "shapes" / "1")
+    s = server_factory([], str(repo))
+    url = f"{s.url}/v1/models/shapes/predict"
+    assert httpx.post(url, content=image.read_bytes()).status_code == 200
+    broken = repo / "shapes" / "2"
+    shutil.copytree(demo_bundle, broken)
+    f = broken / "variants" / "onnx-fp32.onnx"
+    f.write_bytes(f.read_bytes()[:-100])  # a damaged new version
+    r = httpx.post(f"{s.url}/v2/repository/models/shapes/load")
+    assert r.status_code == 400 and "still serves" in r.json()["error"] and "onnx-fp32" in r.json()["error"]
+    assert httpx.post(url, content=image.read_bytes()).status_code == 200  # version 1 kept serving
+    assert httpx.get(f"{s.url}/v2/models/shapes").json()["versions"] == ["1"]
