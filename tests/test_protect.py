@@ -103,3 +103,15 @@ def test_keys_and_the_commands(demo_bundle: Path, key_file: Path, tmp_path: Path
     assert strip(ok.stdout) == strip(ref.stdout)
     no_key = subprocess.run([*cli, "predict", str(out), image], capture_output=True, text=True, timeout=300)
     assert no_key.returncode == 1 and no_key.stderr.startswith("error:") and "encrypted" in no_key.stderr
+
+
+def test_verify_checks_a_protected_bundle_with_its_key(protected: Path, key_file: Path) -> None:
+    from cvdeploy.evaluate.verify import verify_bundle
+
+    checks = verify_bundle(protected, model_key=load_key(key_file))
+    assert [c.name for c in checks] == ["onnx-fp32"] and all(c.ok for c in checks)  # obfuscated, yet the same outputs
+    with pytest.raises(BundleError, match="cannot be decrypted"):
+        verify_bundle(protected, model_key=b"\x07" * 32)
+    p = subprocess.run([sys.executable, "-m", "cvdeploy", "verify", str(protected), "--key-file", str(key_file)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr

@@ -18,6 +18,7 @@ def verify(
     map_tolerance: float = typer.Option(0.5, min=0.0, help="mAP50-95 points a variant may lose against its recorded figure."),
     provider: str | None = typer.Option(None, help="Execution provider to check with (default: the best present)."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the checks to this JSON file."),
+    key_file: Path | None = typer.Option(None, help="The model key of a protected bundle (else $CVDEPLOY_MODEL_KEY_FILE, ...)."),
 ) -> None:
     """Re-check a bundle: file hashes, every variant's golden parity with this machine's engine, and its mAP."""
     from cvdeploy.evaluate.verify import verify_bundle
@@ -25,8 +26,13 @@ def verify(
     if data is not None and not data.is_file():
         raise fail(f"--data: {data} not found")
     with console.status("verifying") as status:
+        key = None
+        if key_file is not None:
+            from cvdeploy.security.protect import load_key
+
+            key = load_key(key_file)
         checks = verify_bundle(bundle, data=data, map_tolerance=map_tolerance, providers=(provider,) if provider else None,
-                               on_step=lambda v, s: status.update(f"verifying {v}: {s}"))
+                               on_step=lambda v, s: status.update(f"verifying {v}: {s}"), model_key=key)
     console.print(f"hashes: every variant and golden file of {bundle} matches its sha256")
     table = Table(title=f"golden parity on {checks[0].provider}" + (" and mAP" if data else ""), title_style="bold")
     for col in ("variant", "max |Δ| scores", "at build", "tolerance", "box agreement", "mAP50-95", "at build", "verdict"):

@@ -80,7 +80,7 @@ def box_matches(ref: np.ndarray, got: np.ndarray, conf: float = 0.25, iou_match:
     return matched, max(len(a), len(b))
 
 
-def golden_check(bundle: Any, model: Path, precision: str, providers: tuple[str, ...] | None = ("CPUExecutionProvider",),
+def golden_check(bundle: Any, model: Path | bytes | tuple[bytes, bytes], precision: str, providers: tuple[str, ...] | None = ("CPUExecutionProvider",),
                  engine_kind: str = "onnxruntime") -> tuple[ParityReport, float, str | None]:
     """Parity of `model` against the source outputs stored in the bundle; returns (report, agreement, problem).
 

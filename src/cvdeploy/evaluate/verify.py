@@ -46,6 +46,7 @@ def verify_bundle(
     map_tolerance: float = 0.5,
     providers: tuple[str, ...] | None = None,
     on_step: Callable[[str, str], None] | None = None,
+    model_key: bytes | None = None,
 ) -> list[VariantCheck]:
     """Check every variant; raise BundleError (naming the file) when a hash does not hold.
 
@@ -60,8 +61,13 @@ def verify_bundle(
     checks = []
     for name, v in bundle.manifest.variants.items():
         step(name, "golden parity")
-        report, agreement, problem = golden_check(bundle, bundle.variant_path(name), v.precision, providers or None,
-                                                  engine_kind=v.engine)
+        model: Any = bundle.variant_path(name)
+        if v.encryption:  # a protected bundle: check the decrypted model, in memory
+            from cvdeploy.security.protect import load_key, variant_bytes
+
+            main, extra = variant_bytes(bundle, name, model_key if model_key is not None else load_key())
+            model = main if v.engine == "onnxruntime" else (main, next(iter(extra.values()), b""))
+        report, agreement, problem = golden_check(bundle, model, v.precision, providers or None, engine_kind=v.engine)
         worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in report.outputs.values())
         recorded = None
         if v.parity is not None:
@@ -74,7 +80,7 @@ def verify_bundle(
             from cvdeploy.predict import Predictor
 
             step(name, "mAP")
-            with Predictor(bundle, name) as p:
+            with Predictor(bundle, name, model_key=model_key) as p:
                 check.map50_95 = round(evaluate_detect(p, data).map50_95, 5)
             check.recorded_map50_95 = v.metrics.get("map50_95")
             if check.recorded_map50_95 is not None:
