@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cvdeploy.errors import BundleError, InputError, MissingDependencyError
+from cvdeploy.security import write_private
 
 ALG = "AES-256-GCM"
 KEY_ENV = "CVDEPLOY_MODEL_KEY"  # the key itself (base64 or hex)
@@ -56,9 +57,7 @@ def new_key_file(path: str | os.PathLike[str], force: bool = False) -> Path:
     if p.exists() and not force:
         raise InputError(f"{p} exists; pass --force to replace it (the models encrypted with it would be lost)")
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+    write_private(p, base64.b64encode(secrets.token_bytes(32)) + b"\n")
     return p
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvdeploy.errors import InputError, MissingDependencyError
+from cvdeploy.security import write_private
 
 # TLS 1.2 suites: ECDHE (forward secrecy) with AES-GCM or ChaCha20-Poly1305 only. TLS 1.3 suites are all strong.
 CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!RC4:!3DES:!SHA1"
@@ -38,12 +39,6 @@ def _crypto():
     except ImportError as e:
         raise MissingDependencyError("cryptography", "serve", "making certificates") from e
     return x509, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # keys are readable by their owner only
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def make_dev_pki(out: str | os.PathLike[str], *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
@@ -99,7 +94,7 @@ def make_dev_pki(out: str | os.PathLike[str], *, hosts: tuple[str, ...] = ("loca
     for cert, path in ((ca, pki.ca_cert), (server, pki.server_cert), (client, pki.client_cert)):
         path.write_bytes(cert.public_bytes(pem))
     for k, path in ((ca_key, pki.ca_key), (server_key, pki.server_key), (client_key, pki.client_key)):
-        _write_private(path, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        write_private(path, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return pki
 
 

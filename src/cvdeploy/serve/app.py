@@ -15,6 +15,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -307,28 +308,33 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
     async def model_config(name: str, version: str | None = None) -> dict:
         return _config(_model(repo, name, version))
 
+    @asynccontextmanager
+    async def _inference(m: LoadedModel, request: Request, route: str):
+        """Hold the model version for the request (it is not stopped under it), then count, time and audit it."""
+        record = SimpleNamespace(body=None)
+        t0 = time.perf_counter()
+        outcome = "failure"
+        with m:
+            try:
+                yield record
+                outcome = "success"
+            finally:
+                metrics.requests.labels(m.name, m.version, outcome).inc()
+                metrics.request_duration.labels(m.name, m.version, route).observe(time.perf_counter() - t0)
+                _audit(repo, request, "infer", outcome, f"{m.name}@{m.version}#{m.bundle.manifest.source.sha256[:12]}", record.body)
+
     # -- inference (v2) --------------------------------------------------------------------------
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         m = _model(repo, name, version)
-        t0 = time.perf_counter()
-        outcome = "failure"
-        body: bytes | None = None
-        try:
-            m.__enter__()
+        async with _inference(m, request, "v2") as record:
             limit = repo.settings.max_body_bytes
-            body = decompress(await _body(request, limit), request.headers.get("content-encoding"), limit)
+            body = record.body = decompress(await _body(request, limit), request.headers.get("content-encoding"), limit)
             req = parse_request(body, request.headers.get(HEADER))
             outputs = await _infer_tensors(m, req)
             payload, head_len = encode_response(m.name, m.version, req.id, outputs, req.outputs, req.binary_output)
-            outcome = "success"
-        finally:
-            m.__exit__()
-            metrics.requests.labels(m.name, m.version, outcome).inc()
-            metrics.request_duration.labels(m.name, m.version, "v2").observe(time.perf_counter() - t0)
-            _audit(repo, request, "infer", outcome, f"{m.name}@{m.version}#{m.bundle.manifest.source.sha256[:12]}", body)
         if head_len is None:
             return Response(payload, media_type="application/json")
         return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(head_len)})
@@ -369,21 +375,11 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
                       max_det: int | None = None, classes: str | None = None, annotate: bool = False,
                       version: str | None = None) -> dict:
         m = _model(repo, name, version)
-        t0 = time.perf_counter()
-        outcome = "failure"
-        body = None
-        try:
-            m.__enter__()
+        async with _inference(m, request, "images") as record:
             options = _options(m, conf, iou, max_det, classes)
-            body = await _body(request, repo.settings.max_body_bytes)
+            body = record.body = await _body(request, repo.settings.max_body_bytes)
             blob = await _image_from(request, body)
             (result,) = await _detect_images(repo, m, [blob], options, annotate)
-            outcome = "success"
-        finally:
-            m.__exit__()
-            metrics.requests.labels(m.name, m.version, outcome).inc()
-            metrics.request_duration.labels(m.name, m.version, "images").observe(time.perf_counter() - t0)
-            _audit(repo, request, "infer", outcome, f"{m.name}@{m.version}#{m.bundle.manifest.source.sha256[:12]}", body)
         return {"model_name": m.name, "model_version": m.version, **result}
 
     # -- repository control (Triton's model repository extension) ---------------------------------
