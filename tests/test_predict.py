@@ -126,6 +126,14 @@ def test_constructor_defaults_and_validation(demo_bundle: Path) -> None:
         Predictor(demo_bundle, max_batch=0)
 
 
+def test_threads_override_the_engine_setting(demo_bundle: Path, val_images: list[Path]) -> None:
+    one = Predictor(demo_bundle, threads=1)
+    assert one.engine.options.intra_op_threads == 1
+    assert one.predict(val_images[0]).to_dict()["detections"] == Predictor(demo_bundle).predict(val_images[0]).to_dict()["detections"]
+    with pytest.raises(InputError, match="threads must be >= 0"):
+        Predictor(demo_bundle, threads=-1)
+
+
 def test_imgsz_override_on_a_dynamic_model(demo_bundle: Path) -> None:
     img = np.full((300, 500, 3), 114, np.uint8)
     p = Predictor(demo_bundle, imgsz=320)

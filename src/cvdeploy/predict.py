@@ -51,6 +51,7 @@ class Predictor:
         max_batch: int = 32,
         imgsz: int | None = None,
         model_key: bytes | None = None,  # for a protected bundle (else from $CVDEPLOY_MODEL_KEY_FILE, ...)
+        threads: int | None = None,  # engine threads, over the bundle's tuned hint (the server splits cores among instances)
     ) -> None:
         self.bundle = model if isinstance(model, Bundle) else Bundle.load(model)
         m = self.bundle.manifest
@@ -66,6 +67,8 @@ class Predictor:
                 engine_options = OrtOptions(intra_op_threads=hint.intra_op_threads, inter_op_threads=hint.inter_op_threads,
                                             execution_mode=hint.execution_mode, graph_optimization=hint.graph_optimization)
         kind = m.variants[self.variant].engine if self.variant in m.variants else "onnxruntime"
+        if threads is not None:
+            engine_options = _with_threads(engine_options, kind, threads)
         path = self.bundle.variant_path(self.variant)
         if m.variants[self.variant].encryption:  # a protected bundle: decrypted in memory, never written out
             from cvdeploy.security.protect import load_key, variant_bytes
@@ -211,6 +214,17 @@ def choose_variant(bundle: Bundle, providers: Sequence[str] | None = None) -> st
         return m.default_variant
     best_ms, best = min(timed)
     return best if best_ms <= 0.9 * base else m.default_variant
+
+
+def _with_threads(options: Any, kind: str, threads: int) -> Any:
+    """`options` (or the engine's defaults) with its thread count set to `threads`."""
+    if threads < 0:
+        raise InputError(f"threads must be >= 0 (0 lets the engine choose), got {threads}")
+    if kind == "openvino":
+        from cvdeploy.runtime.openvino import OvOptions
+
+        return replace(options if isinstance(options, OvOptions) else OvOptions(), num_threads=threads)
+    return replace(options if isinstance(options, OrtOptions) else OrtOptions(), intra_op_threads=threads)
 
 
 def _source_name(src: ImageSource) -> str | None:

@@ -106,6 +106,8 @@ def test_malformed_input_gets_4xx_and_the_server_keeps_serving(server, image: Pa
         httpx.post(url, content=b"{broken", headers={"content-type": "application/json"}),
         httpx.post(url, content=blob, params={"conf": 3}),
         httpx.post(url, content=blob, params={"classes": "a,b"}),
+        httpx.post(url, content=blob, params={"conf": "high"}),
+        httpx.post(url, content=blob, params={"annotate": "maybe"}),
         httpx.post(infer, content=b"{broken json"),
         httpx.post(infer, json={"inputs": [{"name": "images", "shape": [1, 3, 64], "datatype": "FP32", "data": [0.0] * 192}]}),
         httpx.post(infer, json={"inputs": [{"name": "images", "shape": [1, 3, 64, 64], "datatype": "FP32", "data": [0.0] * 5}]}),
@@ -122,6 +124,8 @@ def test_malformed_input_gets_4xx_and_the_server_keeps_serving(server, image: Pa
     assert all(400 <= c < 500 for c in codes), codes
     assert codes[-2] == 404 and codes[-1] == 413
     assert all("error" in r.json() for r in cases)
+    assert "query parameter conf: expected a number, got 'high'" in cases[7].json()["error"]
+    assert "query parameter annotate" in cases[8].json()["error"]
     assert httpx.post(url, content=blob).status_code == 200  # still serving
 
 
@@ -258,3 +262,18 @@ def test_a_failed_load_keeps_the_serving_version(demo_bundle: Path, server_facto
     assert r.status_code == 400 and "still serves" in r.json()["error"] and "onnx-fp32" in r.json()["error"]
     assert httpx.post(url, content=image.read_bytes()).status_code == 200  # version 1 kept serving
     assert httpx.get(f"{s.url}/v2/models/shapes").json()["versions"] == ["1"]
+
+
+def test_several_engine_instances_serve_the_same_results(demo_bundle: Path, server_factory, square: Predictor, image: Path) -> None:
+    r = server_factory([str(demo_bundle)], instances=2, threads=1, max_batch=2)
+    config = httpx.get(f"{r.url}/v2/models/{MODEL}/config").json()
+    assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    loaded = r.repo.get(MODEL)
+    assert len(loaded.instances) == 2 and all(p.engine.options.intra_op_threads == 1 for p in loaded.instances)
+    expected = square.predict(image).to_dict()["detections"]
+    with httpx.Client(base_url=r.url, timeout=60) as c:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: c.post(f"/v1/models/{MODEL}/predict", content=image.read_bytes()), range(12)))
+    assert all(a.status_code == 200 and a.json()["detections"] == expected for a in answers)

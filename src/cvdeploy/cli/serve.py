@@ -19,7 +19,9 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535),
     max_batch: int = typer.Option(8, min=1, help="Largest batch the dynamic batcher forms."),
     max_delay_ms: float = typer.Option(5.0, min=0.0, help="Longest a request waits for others to join its batch."),
-    instances: int = typer.Option(1, min=1, help="Engine workers per model."),
+    instances: int = typer.Option(1, min=1, help="Engine instances per model, each with its own session, running batches in parallel."),
+    threads: int | None = typer.Option(None, min=0, help="Engine threads per instance (default: the bundle's tuned setting "
+                                       "for one instance, the cores split evenly among several)."),
     max_queue: int = typer.Option(256, min=1, help="Requests a model may hold waiting; beyond, 503 with Retry-After."),
     timeout: float = typer.Option(30.0, min=0.1, help="Per-request timeout in seconds (504 past it)."),
     max_body_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 past it)."),
@@ -46,7 +48,7 @@ def serve(
         from cvdeploy.serve.repository import ServeSettings
     except ImportError as e:
         raise fail(f"serving needs {e.name}: install it with `pip install 'cvdeploy[serve]'`") from None
-    settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, instances=instances,
+    settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, instances=instances, threads=threads,
                              request_timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
                              max_pixels=int(max_megapixels * 1e6), audit_sample=audit_sample)
     if audit_log is not None:

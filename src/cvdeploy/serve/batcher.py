@@ -1,8 +1,12 @@
 """Dynamic batching: requests for one model are queued and run through its engine in batches.
 
-A batch closes when it reaches `max_batch` or when its oldest request has waited `max_delay_ms`.
-Only tensors of the same shape (past the batch axis) share a batch. `instances` engine workers
-drain the queue in parallel threads; the event loop never waits on an engine. A full queue
+A batch closes when it reaches `max_batch`, when its oldest request has waited `max_delay_ms`, or
+as soon as the queue is empty and no request is expected: callers announce requests they are still
+receiving or decoding with `expect(n)`; waiting when nothing is on its way could not grow the batch
+and would only leave the engine idle.
+Only tensors of the same shape (past the batch axis) share a batch. One worker per engine
+instance drains the queue in its own thread (each instance its own session, so that two batches
+never contend for one session's thread pool); the event loop never waits on an engine. A full queue
 refuses new work at once (the server answers 503 with Retry-After) instead of letting latency grow
 without bound.
 """
@@ -11,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -40,17 +44,22 @@ class BatchStats:
 class DynamicBatcher:
     def __init__(
         self,
-        run: Callable[[np.ndarray], dict[str, np.ndarray]],
+        run: Callable[[np.ndarray], dict[str, np.ndarray]] | Sequence[Callable[[np.ndarray], dict[str, np.ndarray]]],
         *,
         max_batch: int = 8,
         max_delay_ms: float = 5.0,
         max_queue: int = 256,
-        instances: int = 1,
+        instances: int | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
+        """`run`: one engine call shared by `instances` workers (default 1), or one per instance."""
+        runs = [run] * (instances or 1) if callable(run) else list(run)
+        if instances is not None and instances != len(runs):
+            raise ValueError(f"{len(runs)} engine calls given for {instances} instances")
+        instances = len(runs)
         if max_batch < 1 or instances < 1 or max_queue < 1 or max_delay_ms < 0:
             raise ValueError("max_batch, instances and max_queue must be >= 1 and max_delay_ms >= 0")
-        self._run = run
+        self._runs = runs
         self.max_batch, self.max_delay, self.max_queue, self.instances = max_batch, max_delay_ms / 1000.0, max_queue, instances
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Item] | None = None
@@ -59,6 +68,7 @@ class DynamicBatcher:
         self._carry: list[_Item] = []  # items taken from the queue that did not fit the last batch's shape
         self._lock: asyncio.Lock | None = None
         self._busy = 0  # batches being run
+        self._expected = 0  # requests announced with expect() and not submitted yet
 
     @property
     def depth(self) -> int:
@@ -68,7 +78,7 @@ class DynamicBatcher:
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._lock = asyncio.Lock()
-            self._workers = [asyncio.create_task(self._worker()) for _ in range(self.instances)]
+            self._workers = [asyncio.create_task(self._worker(run)) for run in self._runs]
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Let queued and running requests finish (up to `drain_timeout_s`), then stop the workers."""
@@ -80,6 +90,15 @@ class DynamicBatcher:
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
         self._pool.shutdown(wait=True)
+
+    @contextmanager
+    def expect(self, n: int = 1) -> Iterator[None]:
+        """`n` requests are on their way (being received or decoded): a forming batch may wait for them."""
+        self._expected += n
+        try:
+            yield
+        finally:
+            self._expected -= n
 
     async def submit(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         """Queue `tensor` (n, C, H, W); return its rows of every output."""
@@ -107,9 +126,15 @@ class DynamicBatcher:
                     n += item.tensor.shape[0]
                     self._carry.remove(item)
             while n < self.max_batch:
+                if self._queue.empty() and self._expected <= 0:
+                    break  # nothing queued and nothing on its way: waiting could not grow the batch
                 timeout = deadline - time.perf_counter()
                 try:
-                    item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
+                    if timeout <= 0 or not self._queue.empty():
+                        item = self._queue.get_nowait()
+                    else:
+                        async with asyncio.timeout(timeout):  # no task per wait, unlike wait_for
+                            item = await self._queue.get()
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
                 if item.tensor.shape[1:] == shape and n + item.tensor.shape[0] <= self.max_batch:
@@ -120,7 +145,7 @@ class DynamicBatcher:
             self._carry.extend(kept)
             return batch
 
-    async def _worker(self) -> None:
+    async def _worker(self, run: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
@@ -129,15 +154,16 @@ class DynamicBatcher:
                 continue
             self._busy += 1
             try:
-                await self._run_batch(loop, live)
+                await self._run_batch(loop, run, live)
             finally:
                 self._busy -= 1
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, run: Callable[[np.ndarray], dict[str, np.ndarray]],
+                         live: list[_Item]) -> None:
         tensor = live[0].tensor if len(live) == 1 else np.concatenate([it.tensor for it in live])
         t0 = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._pool, self._run, tensor)
+            outputs = await loop.run_in_executor(self._pool, run, tensor)
         except Exception as e:  # the engine failed: every request of the batch learns why
             for it in live:
                 if not it.future.done():
@@ -153,7 +179,3 @@ class DynamicBatcher:
                 it.future.set_result({name: out[start : start + k] for name, out in outputs.items()})
             start += k
 
-
-def describe(batcher: Any) -> dict[str, Any]:
-    return {"max_batch": batcher.max_batch, "max_delay_ms": batcher.max_delay * 1000.0, "max_queue": batcher.max_queue,
-            "instances": batcher.instances}

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.errors import CvdeployError, InputError
+from cvdeploy.errors import InputError
 from cvdeploy.serve.batcher import BatchStats, DynamicBatcher
 from cvdeploy.serve.metrics import ServerMetrics
 
@@ -28,6 +28,7 @@ class ServeSettings:
     max_delay_ms: float = 5.0
     max_queue: int = 256
     instances: int = 1
+    threads: int | None = None  # engine threads per instance; None: the bundle's hint with one instance, else cores // instances
     request_timeout_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000
@@ -42,9 +43,10 @@ class ServeSettings:
 class LoadedModel:
     name: str
     version: str
-    predictor: Any  # cvdeploy.Predictor (its engine, spec, options and names)
+    predictor: Any  # cvdeploy.Predictor (its engine, spec, options and names): the first instance
     batcher: DynamicBatcher
     path: Path
+    instances: list[Any] = field(default_factory=list)  # every instance's Predictor, the first one included
     loaded_at: float = field(default_factory=time.time)
     active: int = 0  # requests holding this version; it is stopped only when they are done
 
@@ -174,11 +176,17 @@ class Repository:
         from cvdeploy.predict import Predictor
         from cvdeploy.vision.image import DecodeLimits
 
-        try:
-            predictor = Predictor(path, limits=DecodeLimits(max_pixels=self.settings.max_pixels), max_batch=self.settings.max_batch)
-        except CvdeployError:
-            raise
         s = self.settings
+        threads = engine_threads(s.instances, s.threads)
+        predictors: list[Any] = []
+        try:
+            for _ in range(s.instances):
+                predictors.append(Predictor(path, limits=DecodeLimits(max_pixels=s.max_pixels), max_batch=s.max_batch, threads=threads))
+        except BaseException:
+            for p in predictors:
+                p.close()
+            raise
+        predictor = predictors[0]
         labels = (name, version)
 
         def on_batch(stats: BatchStats) -> None:
@@ -187,17 +195,29 @@ class Repository:
             self.metrics.stage.labels(*labels, "queue").observe(stats.queue_s)
             self.metrics.stage.labels(*labels, "infer").observe(stats.infer_s)
 
-        batcher = DynamicBatcher(predictor.infer_all, max_batch=s.max_batch, max_delay_ms=s.max_delay_ms, max_queue=s.max_queue,
-                                 instances=s.instances, on_batch=on_batch)
-        return LoadedModel(name, version, predictor, batcher, path)
+        batcher = DynamicBatcher([p.infer_all for p in predictors], max_batch=s.max_batch, max_delay_ms=s.max_delay_ms,
+                                 max_queue=s.max_queue, on_batch=on_batch)
+        return LoadedModel(name, version, predictor, batcher, path, instances=predictors)
 
     async def _warm(self, m: LoadedModel) -> None:
-        """First calls allocate and pick kernels: pay for them before the model is visible."""
+        """First calls allocate and pick kernels: pay for them, on every instance, before the model is visible."""
         h, w = m.predictor.spec.imgsz
         for n in sorted({1, min(m.predictor.max_batch, self.settings.max_batch)}):
             x = np.full((n, 3, h, w), 114 / 255.0, np.float32)
-            for _ in range(self.settings.warmup_runs):
-                await asyncio.to_thread(m.predictor.infer_all, x)
+            for p in m.instances or [m.predictor]:
+                for _ in range(self.settings.warmup_runs):
+                    await asyncio.to_thread(p.infer_all, x)
+
+
+def engine_threads(instances: int, threads: int | None) -> int | None:
+    """Engine threads per instance: as asked; else the engine's own choice (or the bundle's tuned hint) for one
+    instance, and the usable cores split evenly for several, so that instances do not oversubscribe the CPU."""
+    if threads is not None:
+        return threads
+    if instances <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // instances)
 
 
 async def _drain_and_stop(m: LoadedModel, timeout: float = 30.0) -> None:
@@ -206,7 +226,8 @@ async def _drain_and_stop(m: LoadedModel, timeout: float = 30.0) -> None:
     while m.active and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
     await m.batcher.stop(max(0.0, deadline - time.monotonic()))
-    m.predictor.close()
+    for p in m.instances or [m.predictor]:
+        p.close()
 
 
 def _version_key(v: str) -> tuple[int, str]:
