@@ -97,3 +97,24 @@ def test_parse_trace_leaves_out_warmup_runs() -> None:
     assert runs == 2 and totals == {"conv": ("Conv", 20.0)}
     with pytest.raises(InputError, match="cannot skip"):
         parse_trace(run(0), skip_runs=1)
+
+
+def test_compare_profiles_matches_fused_nodes_through_their_layers() -> None:
+    from cvdeploy.bench.profile import NodeTime, OpProfile, category, compare_profiles, layer_of
+
+    assert layer_of("/model.5/conv/Conv_token_75") == layer_of("/model.5/conv/Conv_output_0_nchwc") == "/model.5"
+    assert layer_of("ReorderOutput_token_3") == "ReorderOutput"
+    assert category("QLinearConv") == category("Convolution (jit_avx2_I8)") == "convolution"
+    assert category("DequantizeLinear") == "quantize/dequantize" and category("NonMaxSuppression") == "other"
+
+    def prof(*nodes: tuple[str, str, float]) -> OpProfile:
+        rows = [NodeTime(n, op, ms, 0.0) for n, op, ms in nodes]
+        return OpProfile(1, rows, [], sum(r.ms_per_run for r in rows), None)
+
+    a = prof(("/model.0/conv/Conv_output_0_nchwc", "Conv", 2.0), ("/model.0/act/Mul/QuickGeluFusion/", "QuickGelu", 1.0))
+    b = prof(("/model.0/conv/Conv_token_1", "QLinearConv", 1.0), ("/model.0/act/Sigmoid_token_2", "QLinearSigmoid", 0.5),
+             ("/model.0/act/Mul_token_3", "QLinearMul", 0.5), ("/model.1/DequantizeLinear", "DequantizeLinear", 1.0))
+    c = compare_profiles(a, b, ("fp32", "int8"))
+    assert c.layers[0] == ("/model.0", 3.0, 2.0) and ("/model.1", 0.0, 1.0) in c.layers
+    assert c.speedup("convolution") == 2.0 and c.categories["quantize/dequantize"] == (0.0, 1.0)
+    assert c.speedup() == 1.0 and c.to_dict()["total_ms"] == [3.0, 3.0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -148,3 +149,67 @@ def profile_openvino(model: str | os.PathLike[str], feeds: dict[str, np.ndarray]
         trace.write_text(json.dumps([{"layer": n.name, "type": n.op_type, "us_per_run": round(n.ms_per_run * 1000, 2)}
                                      for n in nodes], indent=1))
     return OpProfile(runs, nodes, op_types, all_us / 1000.0 / runs, trace)
+
+
+# -- two variants side by side -----------------------------------------------------------------------
+
+_BLOCK = re.compile(r"^(/model\.\d+)/")
+# Suffixes ONNX Runtime's graph optimizations append to the node they fuse or rewrite.
+_FUSION_SUFFIX = re.compile(r"(_token_\d+|_output_0_nchwc|_nchwc|/QuickGeluFusion/?|_quant)+$")
+CATEGORIES = ("convolution", "activation", "elementwise", "quantize/dequantize", "layout", "other")
+_CATEGORY_OF = {
+    "convolution": {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcFusedConv", "Convolution", "GroupConvolution",
+                    "ConvolutionBackpropData"},
+    "activation": {"Sigmoid", "QLinearSigmoid", "QuickGelu", "Swish", "Relu", "LeakyRelu", "QLinearLeakyRelu", "HardSwish",
+                   "HardSigmoid", "Gelu", "Softmax", "QLinearSoftmax", "SoftMax"},
+    "elementwise": {"Add", "Mul", "Sub", "Div", "QLinearAdd", "QLinearMul", "Eltwise", "Multiply"},
+    "quantize/dequantize": {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "FakeQuantize"},
+    "layout": {"ReorderInput", "ReorderOutput", "Reorder", "Transpose", "Reshape", "Concat", "QLinearConcat",
+               "Concatenation", "Split", "Squeeze", "Unsqueeze"},
+}
+
+
+def category(op_type: str) -> str:
+    """The kind of work an op does (ONNX Runtime op types and OpenVINO layer types)."""
+    op = op_type.split(" (")[0]  # OpenVINO rows read "Convolution (jit_avx2_I8)"
+    return next((c for c, ops in _CATEGORY_OF.items() if op in ops), "other")
+
+
+def layer_of(node: str) -> str:
+    """The source layer a profiled node belongs to: the Ultralytics block (/model.N) when the names carry it."""
+    if m := _BLOCK.match(node):
+        return m.group(1)
+    return _FUSION_SUFFIX.sub("", node)
+
+
+@dataclass(frozen=True)
+class LayerComparison:
+    """Kernel time per run of two profiles of the same model (A, then B), by layer and by kind of op."""
+
+    labels: tuple[str, str]
+    layers: list[tuple[str, float, float]]  # (layer, ms A, ms B), slowest in A first
+    categories: dict[str, tuple[float, float]]
+    totals: tuple[float, float]
+
+    def speedup(self, what: str | None = None) -> float:
+        """How many times faster B runs `what` (a category, or everything) than A; inf when B spends nothing."""
+        a, b = self.totals if what is None else self.categories.get(what, (0.0, 0.0))
+        return a / b if b > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.labels[0], "b": self.labels[1], "total_ms": [round(x, 4) for x in self.totals],
+                "categories": {k: [round(a, 4), round(b, 4)] for k, (a, b) in self.categories.items()},
+                "layers": [{"layer": n, "ms_a": round(a, 4), "ms_b": round(b, 4)} for n, a, b in self.layers]}
+
+
+def compare_profiles(a: OpProfile, b: OpProfile, labels: tuple[str, str] = ("A", "B")) -> LayerComparison:
+    """Match two profiles node by node through their source layers (fusions rename and merge nodes)."""
+    per_layer: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    per_cat: dict[str, list[float]] = {c: [0.0, 0.0] for c in CATEGORIES}
+    for k, prof in enumerate((a, b)):
+        for n in prof.nodes:
+            per_layer[layer_of(n.name)][k] += n.ms_per_run
+            per_cat[category(n.op_type)][k] += n.ms_per_run
+    layers = sorted(((name, t[0], t[1]) for name, t in per_layer.items()), key=lambda r: -max(r[1], r[2]))
+    return LayerComparison(labels, layers, {c: (v[0], v[1]) for c, v in per_cat.items() if v[0] or v[1]},
+                           (a.node_ms_per_run, b.node_ms_per_run))

@@ -213,6 +213,86 @@ def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | N
     return prof.to_dict(top)
 
 
+@bench_app.command("layers")
+def layers_cmd(
+    bundle: Path = typer.Argument(..., help="A bundle directory."),
+    variants: str | None = typer.Option(None, help="Two variants, A,B (default: onnx-fp32 and its INT8 or, failing that, "
+                                        "another variant)."),
+    imgsz: int | None = typer.Option(None, min=32, help="Input size (default: the bundle's)."),
+    runs: int = typer.Option(20, min=1, help="Profiled runs per variant (after 3 warmup runs)."),
+    threads: int = typer.Option(0, min=0, help="ONNX Runtime intra-op threads (0: its default)."),
+    top: int = typer.Option(15, min=1, help="Layers shown."),
+    images: Path | None = typer.Option(None, help="Directory of images; the first one is fed (default: a generated JPEG)."),
+    as_json: Path | None = typer.Option(None, "--json", help="Write the comparison to this JSON file."),
+) -> None:
+    """Profile two variants op by op and set them side by side, by layer and by kind of op.
+
+    The question it answers: where does a variant win or lose its time, e.g. whether this CPU runs
+    INT8 convolutions faster than FP32 ones at all, or whether quantize/dequantize work eats the gain.
+    """
+    from cvdeploy.bench.profile import compare_profiles, profile_onnx, profile_openvino
+    from cvdeploy.bundle.environment import cpu_info
+    from cvdeploy.predict import Predictor
+    from cvdeploy.runtime.onnxruntime import OrtOptions
+    from cvdeploy.vision.image import load_image
+
+    first = Predictor(bundle, "onnx-fp32" if variants is None else variants.split(",")[0].strip(), imgsz=imgsz)
+    known = list(first.bundle.manifest.variants)
+    if variants is None:
+        others = [v for v in known if v != first.variant]
+        if not others:
+            raise fail(f"{bundle} has one variant ({first.variant}); build more with `cvdeploy build --variants ...`")
+        pair = [first.variant, "onnx-int8" if "onnx-int8" in others else others[0]]
+    else:
+        pair = [v.strip() for v in variants.split(",") if v.strip()]
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise fail(f"--variants takes two different variants, A,B; got {variants!r}")
+        if (missing := [v for v in pair if v not in known]):
+            raise fail(f"{bundle} has no variant {missing[0]!r} (variants: {', '.join(known)})")
+    for v in pair:
+        if first.bundle.manifest.variants[v].encryption:
+            raise fail(f"variant {v} is encrypted: profile the bundle before `cvdeploy protect`")
+    tensor, _ = first.preprocess([load_image(bench_images(images, n=1)[0])])
+    feeds = {first.engine.inputs[0].name: tensor}
+    first.close()
+    profiles = []
+    with console.status("profiling") as status:
+        for v in pair:
+            status.update(f"profiling {v} · {runs} runs")
+            path = first.bundle.variant_path(v)
+            if first.bundle.manifest.variants[v].engine == "openvino":
+                profiles.append(profile_openvino(path, feeds, runs=runs))
+            else:
+                profiles.append(profile_onnx(path, feeds, runs=runs, options=OrtOptions(intra_op_threads=threads)))
+    cmp_ = compare_profiles(*profiles, labels=(pair[0], pair[1]))
+    a, b = pair
+    shape = "x".join(str(d) for d in tensor.shape)
+    t = Table(title=f"{first.bundle.name} · input {shape} · kernel ms per run, {runs} runs", title_style="bold")
+    for col in ("layer", a, b, f"{b} speed-up"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for name, ta, tb in cmp_.layers[:top]:
+        t.add_row(name, f"{ta:.3f}", f"{tb:.3f}", f"{ta / tb:.2f}x" if ta > 0 and tb > 0 else "-")
+    console.print(t)
+    t = Table(title="by kind of op", title_style="bold")
+    for col in ("kind", a, b, f"{b} speed-up"):
+        t.add_column(col, justify="left" if col == "kind" else "right")
+    for kind, (ta, tb) in cmp_.categories.items():
+        t.add_row(kind, f"{ta:.3f}", f"{tb:.3f}", f"{ta / tb:.2f}x" if ta > 0 and tb > 0 else "-")
+    t.add_row("[bold]all[/]", f"{cmp_.totals[0]:.3f}", f"{cmp_.totals[1]:.3f}", f"{cmp_.speedup():.2f}x")
+    console.print(t)
+    conv = cmp_.speedup("convolution")
+    precisions = {v: first.bundle.manifest.variants[v].precision for v in pair}
+    console.print(f"convolutions: {b} runs them {conv:.2f}x as fast as {a}; all kernels {cmp_.speedup():.2f}x", highlight=False)
+    flags = set(cpu_info().get("flags", []))  # type: ignore[arg-type]
+    if "int8" in precisions.values() and not flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} and conv < 1.2:
+        console.print("this CPU has no VNNI, AMX or dot-product instructions: its INT8 convolution kernels multiply "
+                      "8-bit values no faster than FP32 FMA units do, so INT8 buys size, not speed, here.", highlight=False)
+    if as_json is not None:
+        as_json.parent.mkdir(parents=True, exist_ok=True)
+        as_json.write_text(json.dumps({**cmp_.to_dict(), "input": list(tensor.shape), "runs": runs,
+                                       "precisions": precisions, "cpu": cpu_info()}, indent=2))
+
+
 @bench_app.command("tune")
 def tune_cmd(
     bundle: Path = typer.Argument(..., help="A bundle directory (the winner is stored in its manifest)."),
