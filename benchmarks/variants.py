@@ -8,7 +8,9 @@
    round (so that machine noise hits all alike), with the same thread setting;
 3. prints mAP50-95 (COCO protocol, from the build's verification), the drop against onnx-fp32,
    the median latencies and the speed-up ratios. Targets (issue 3): onnx-int8 within 1.0 point
-   and >= 1.3x faster; openvino-int8 within 1.0 point.
+   and >= 1.3x faster; openvino-int8 within 1.0 point;
+4. profiles each INT8 variant against its FP32 counterpart op by op (as `cvdeploy bench layers`)
+   and prints the speed-up by kind of op: whether the INT8 convolutions are faster on this CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads for ONNX Runtime / inference threads for OpenVINO")
+    ap.add_argument("--profile-rounds", type=int, default=6, help="alternating op-profile rounds per INT8/FP32 pair")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -106,10 +109,27 @@ def main() -> None:
         "openvino_int8_within_1_point": by.get("openvino-int8", {}).get("drop_points") is not None
         and by["openvino-int8"]["drop_points"] <= 1.0,
     }
+    # Where INT8 wins or loses its time: both engines' op profiles by kind of op (as `cvdeploy bench layers`).
+    from cvdeploy.bench.profile import compare_profiles, median_profile, profile_onnx, profile_openvino
+
+    kinds = {}
+    feeds = {m.input.name: tensors[0]}
+    for a, b in (("onnx-fp32", "onnx-int8"), ("openvino-fp32", "openvino-int8")):
+        if a in written and b in written:
+            got: dict[str, list] = {a: [], b: []}
+            for r in range(args.profile_rounds):  # alternating order, per-node medians: drift hits both alike
+                for n in ((a, b) if r % 2 == 0 else (b, a)):
+                    got[n].append(profile_openvino(bundle.variant_path(n), feeds, runs=10) if m.variants[n].engine == "openvino"
+                                  else profile_onnx(bundle.variant_path(n), feeds, runs=10,
+                                                    options=OrtOptions(intra_op_threads=args.threads)))
+            c = compare_profiles(median_profile(got[a]), median_profile(got[b]), labels=(a, b))
+            kinds[b] = c.to_dict() | {"convolution_speedup": round(c.speedup("convolution"), 3)}
+            print(f"{b}: convolutions {c.speedup('convolution'):.2f}x as fast as {a}, all kernels {c.speedup():.2f}x "
+                  f"({', '.join(f'{k} {x:.2f}->{y:.2f} ms' for k, (x, y) in c.categories.items())})")
     figures = {"machine": {"python": platform.python_version(), "cpu": cpu_info(), "cores": os.cpu_count()},
                "threads": args.threads, "imgsz": list(m.preprocess.imgsz), "n_val": args.n_val, "calib_images": args.calib,
                "fp32_build_s": round(t_fp32, 1), "full_build_s": round(build_s, 1), "rows": rows, "checks": checks,
-               "refused": {o.name: o.reason for o in outcomes if not o.written}}
+               "refused": {o.name: o.reason for o in outcomes if not o.written}, "int8_by_kind_of_op": kinds}
     print(json.dumps({"full_build_s": figures["full_build_s"], "checks": checks}, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -118,3 +118,16 @@ def test_compare_profiles_matches_fused_nodes_through_their_layers() -> None:
     assert c.layers[0] == ("/model.0", 3.0, 2.0) and ("/model.1", 0.0, 1.0) in c.layers
     assert c.speedup("convolution") == 2.0 and c.categories["quantize/dequantize"] == (0.0, 1.0)
     assert c.speedup() == 1.0 and c.to_dict()["total_ms"] == [3.0, 3.0]
+
+
+def test_median_profile_takes_each_nodes_median_over_rounds() -> None:
+    from cvdeploy.bench.profile import NodeTime, OpProfile, median_profile
+
+    def prof(**ms: float) -> OpProfile:
+        rows = [NodeTime(n, "Conv", t, 0.0) for n, t in ms.items()]
+        return OpProfile(10, rows, [], sum(ms.values()), None)
+
+    m = median_profile([prof(a=1.0, b=5.0), prof(a=9.0, b=4.0), prof(a=2.0)])  # b missing once: counted as 0 there
+    times = {n.name: n.ms_per_run for n in m.nodes}
+    assert times == {"a": 2.0, "b": 4.0} and m.node_ms_per_run == 6.0 and m.runs == 30
+    assert m.op_types[0].calls == 2 and m.op_types[0].ms_per_run == 6.0

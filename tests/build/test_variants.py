@@ -211,16 +211,17 @@ def test_bench_layers_sets_two_variants_side_by_side(with_variants: tuple[Path, 
 
     b, _ = with_variants
     out = tmp_path / "layers.json"
-    r = cli(str(b), "--runs", "2", "--top", "5", "--json", str(out))
+    r = cli(str(b), "--rounds", "2", "--runs", "2", "--top", "5", "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "convolutions: onnx-int8 runs them" in r.stdout and "by kind of op" in r.stdout
     doc = json.loads(out.read_text())
     assert (doc["a"], doc["b"]) == ("onnx-fp32", "onnx-int8") and doc["precisions"]["onnx-int8"] == "int8"
+    assert doc["rounds"] == 2 and len(doc["convolution_speedup_per_round"]) == 2
     assert doc["categories"]["convolution"][0] > 0 and doc["categories"]["convolution"][1] > 0
     assert doc["categories"]["quantize/dequantize"][0] == 0  # FP32 has no Q/DQ work; the INT8 graph may fuse all of it
     blocks = {row["layer"] for row in doc["layers"]}
     assert "/model.0" in blocks and "/model.23" in blocks  # nodes are matched through their Ultralytics blocks
-    ov = cli(str(b), "--variants", "openvino-fp32,openvino-int8", "--runs", "1")
+    ov = cli(str(b), "--variants", "openvino-fp32,openvino-int8", "--rounds", "1", "--runs", "1")
     assert ov.returncode == 0 and "convolutions: openvino-int8" in ov.stdout, ov.stderr
     bad = cli(str(b), "--variants", "onnx-fp32,onnx-int4")
     assert bad.returncode != 0 and "no variant 'onnx-int4'" in bad.stderr

@@ -151,6 +151,30 @@ def profile_openvino(model: str | os.PathLike[str], feeds: dict[str, np.ndarray]
     return OpProfile(runs, nodes, op_types, all_us / 1000.0 / runs, trace)
 
 
+def median_profile(profiles: list[OpProfile]) -> OpProfile:
+    """One profile from several rounds of the same model: each node's median time per run over the rounds
+    (profiles of two variants taken in alternating rounds then see the same machine noise)."""
+    if not profiles:
+        raise InputError("median_profile needs at least one profile")
+    import statistics
+
+    per_node: dict[str, list[float]] = defaultdict(list)
+    ops: dict[str, str] = {}
+    for p in profiles:
+        for n in p.nodes:
+            per_node[n.name].append(n.ms_per_run)
+            ops[n.name] = n.op_type
+    rounds = len(profiles)
+    med = {k: statistics.median(v + [0.0] * (rounds - len(v))) for k, v in per_node.items()}
+    total = sum(med.values()) or 1.0
+    nodes = sorted((NodeTime(k, ops[k], ms, ms / total) for k, ms in med.items()), key=lambda n: -n.ms_per_run)
+    by_op: dict[str, list[float]] = defaultdict(list)
+    for k, ms in med.items():
+        by_op[ops[k]].append(ms)
+    op_types = sorted((NodeTime(op, op, sum(v), sum(v) / total, len(v)) for op, v in by_op.items()), key=lambda n: -n.ms_per_run)
+    return OpProfile(sum(p.runs for p in profiles), nodes, op_types, total, None)
+
+
 # -- two variants side by side -----------------------------------------------------------------------
 
 _BLOCK = re.compile(r"^(/model\.\d+)/")

@@ -219,7 +219,8 @@ def layers_cmd(
     variants: str | None = typer.Option(None, help="Two variants, A,B (default: onnx-fp32 and its INT8 or, failing that, "
                                         "another variant)."),
     imgsz: int | None = typer.Option(None, min=32, help="Input size (default: the bundle's)."),
-    runs: int = typer.Option(20, min=1, help="Profiled runs per variant (after 3 warmup runs)."),
+    rounds: int = typer.Option(5, min=1, help="Alternating rounds (A then B, B then A, ...): per-node medians over them."),
+    runs: int = typer.Option(10, min=1, help="Profiled runs per variant per round (after 3 warmup runs)."),
     threads: int = typer.Option(0, min=0, help="ONNX Runtime intra-op threads (0: its default)."),
     top: int = typer.Option(15, min=1, help="Layers shown."),
     images: Path | None = typer.Option(None, help="Directory of images; the first one is fed (default: a generated JPEG)."),
@@ -230,7 +231,7 @@ def layers_cmd(
     The question it answers: where does a variant win or lose its time, e.g. whether this CPU runs
     INT8 convolutions faster than FP32 ones at all, or whether quantize/dequantize work eats the gain.
     """
-    from cvdeploy.bench.profile import compare_profiles, profile_onnx, profile_openvino
+    from cvdeploy.bench.profile import compare_profiles, median_profile, profile_onnx, profile_openvino
     from cvdeploy.bundle.environment import cpu_info
     from cvdeploy.predict import Predictor
     from cvdeploy.runtime.onnxruntime import OrtOptions
@@ -255,19 +256,22 @@ def layers_cmd(
     tensor, _ = first.preprocess([load_image(bench_images(images, n=1)[0])])
     feeds = {first.engine.inputs[0].name: tensor}
     first.close()
-    profiles = []
+    rounds_of: dict[str, list[Any]] = {v: [] for v in pair}
     with console.status("profiling") as status:
-        for v in pair:
-            status.update(f"profiling {v} · {runs} runs")
-            path = first.bundle.variant_path(v)
-            if first.bundle.manifest.variants[v].engine == "openvino":
-                profiles.append(profile_openvino(path, feeds, runs=runs))
-            else:
-                profiles.append(profile_onnx(path, feeds, runs=runs, options=OrtOptions(intra_op_threads=threads)))
-    cmp_ = compare_profiles(*profiles, labels=(pair[0], pair[1]))
+        for r in range(rounds):  # alternating order, so that the machine's drift hits both alike
+            for v in (pair if r % 2 == 0 else pair[::-1]):
+                status.update(f"profiling · round {r + 1}/{rounds} · {v} · {runs} runs")
+                path = first.bundle.variant_path(v)
+                if first.bundle.manifest.variants[v].engine == "openvino":
+                    rounds_of[v].append(profile_openvino(path, feeds, runs=runs))
+                else:
+                    rounds_of[v].append(profile_onnx(path, feeds, runs=runs, options=OrtOptions(intra_op_threads=threads)))
+    cmp_ = compare_profiles(*(median_profile(rounds_of[v]) for v in pair), labels=(pair[0], pair[1]))
+    per_round = [compare_profiles(rounds_of[pair[0]][r], rounds_of[pair[1]][r]).speedup("convolution") for r in range(rounds)]
     a, b = pair
     shape = "x".join(str(d) for d in tensor.shape)
-    t = Table(title=f"{first.bundle.name} · input {shape} · kernel ms per run, {runs} runs", title_style="bold")
+    t = Table(title=f"{first.bundle.name} · input {shape} · kernel ms per run, medians of {rounds} rounds of {runs} runs",
+              title_style="bold")
     for col in ("layer", a, b, f"{b} speed-up"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     for name, ta, tb in cmp_.layers[:top]:
@@ -282,14 +286,16 @@ def layers_cmd(
     console.print(t)
     conv = cmp_.speedup("convolution")
     precisions = {v: first.bundle.manifest.variants[v].precision for v in pair}
-    console.print(f"convolutions: {b} runs them {conv:.2f}x as fast as {a}; all kernels {cmp_.speedup():.2f}x", highlight=False)
+    console.print(f"convolutions: {b} runs them {conv:.2f}x as fast as {a}; all kernels {cmp_.speedup():.2f}x "
+                  f"(convolutions round by round: {', '.join(f'{x:.2f}x' for x in per_round)})", highlight=False)
     flags = set(cpu_info().get("flags", []))  # type: ignore[arg-type]
     if "int8" in precisions.values() and not flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} and conv < 1.2:
-        console.print("this CPU has no VNNI, AMX or dot-product instructions: its INT8 convolution kernels multiply "
-                      "8-bit values no faster than FP32 FMA units do, so INT8 buys size, not speed, here.", highlight=False)
+        console.print("this CPU has no VNNI, AMX or dot-product instructions: its 8-bit multiply-adds run at about the "
+                      "rate of its FP32 FMAs, so INT8 buys size more than speed here.", highlight=False)
     if as_json is not None:
         as_json.parent.mkdir(parents=True, exist_ok=True)
-        as_json.write_text(json.dumps({**cmp_.to_dict(), "input": list(tensor.shape), "runs": runs,
+        as_json.write_text(json.dumps({**cmp_.to_dict(), "input": list(tensor.shape), "rounds": rounds, "runs": runs,
+                                       "convolution_speedup_per_round": [round(x, 3) for x in per_round],
                                        "precisions": precisions, "cpu": cpu_info()}, indent=2))
 
 
