@@ -110,19 +110,13 @@ def main() -> None:
         and by["openvino-int8"]["drop_points"] <= 1.0,
     }
     # Where INT8 wins or loses its time: both engines' op profiles by kind of op (as `cvdeploy bench layers`).
-    from cvdeploy.bench.profile import compare_profiles, median_profile, profile_onnx, profile_openvino
+    from cvdeploy.bench.profile import profile_pair
 
     kinds = {}
     feeds = {m.input.name: tensors[0]}
     for a, b in (("onnx-fp32", "onnx-int8"), ("openvino-fp32", "openvino-int8")):
         if a in written and b in written:
-            got: dict[str, list] = {a: [], b: []}
-            for r in range(args.profile_rounds):  # alternating order, per-node medians: drift hits both alike
-                for n in ((a, b) if r % 2 == 0 else (b, a)):
-                    got[n].append(profile_openvino(bundle.variant_path(n), feeds, runs=10) if m.variants[n].engine == "openvino"
-                                  else profile_onnx(bundle.variant_path(n), feeds, runs=10,
-                                                    options=OrtOptions(intra_op_threads=args.threads)))
-            c = compare_profiles(median_profile(got[a]), median_profile(got[b]), labels=(a, b))
+            c, _ = profile_pair(bundle, a, b, feeds, rounds=args.profile_rounds, runs=10, threads=args.threads)
             kinds[b] = c.to_dict() | {"convolution_speedup": round(c.speedup("convolution"), 3)}
             print(f"{b}: convolutions {c.speedup('convolution'):.2f}x as fast as {a}, all kernels {c.speedup():.2f}x "
                   f"({', '.join(f'{k} {x:.2f}->{y:.2f} ms' for k, (x, y) in c.categories.items())})")

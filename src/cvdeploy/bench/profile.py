@@ -237,3 +237,31 @@ def compare_profiles(a: OpProfile, b: OpProfile, labels: tuple[str, str] = ("A",
     layers = sorted(((name, t[0], t[1]) for name, t in per_layer.items()), key=lambda r: -max(r[1], r[2]))
     return LayerComparison(labels, layers, {c: (v[0], v[1]) for c, v in per_cat.items() if v[0] or v[1]},
                            (a.node_ms_per_run, b.node_ms_per_run))
+
+
+def profile_variant(bundle: Any, variant: str, feeds: dict[str, np.ndarray], *, runs: int = 20, threads: int = 0,
+                    trace_out: str | os.PathLike[str] | None = None) -> OpProfile:
+    """Profile one variant of a bundle with its own engine's profiler (ONNX Runtime, or OpenVINO's counters)."""
+    v = bundle.manifest.variants[variant]
+    if v.encryption:
+        raise InputError(f"variant {variant} is encrypted: profile the bundle before `cvdeploy protect`")
+    path = bundle.variant_path(variant)
+    if v.engine == "openvino":
+        return profile_openvino(path, feeds, runs=runs, trace_out=trace_out)
+    return profile_onnx(path, feeds, runs=runs, options=OrtOptions(intra_op_threads=threads), trace_out=trace_out)
+
+
+def profile_pair(bundle: Any, a: str, b: str, feeds: dict[str, np.ndarray], *, rounds: int = 5, runs: int = 10, threads: int = 0,
+                 on_step: Any = None) -> tuple[LayerComparison, list[float]]:
+    """Variants `a` and `b` profiled in alternating rounds (a b, b a, ...) so that the machine's drift hits both alike;
+    returns their comparison over per-node medians and the convolution speed-up of each round."""
+    if rounds < 1:
+        raise InputError(f"rounds must be >= 1, got {rounds}")
+    got: dict[str, list[OpProfile]] = {a: [], b: []}
+    for r in range(rounds):
+        for v in (a, b) if r % 2 == 0 else (b, a):
+            if on_step:
+                on_step(f"round {r + 1}/{rounds} · {v} · {runs} runs")
+            got[v].append(profile_variant(bundle, v, feeds, runs=runs, threads=threads))
+    per_round = [compare_profiles(got[a][r], got[b][r]).speedup("convolution") for r in range(rounds)]
+    return compare_profiles(median_profile(got[a]), median_profile(got[b]), labels=(a, b)), per_round

@@ -178,23 +178,17 @@ def pipelining_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | None, top: int, trace: Path) -> dict[str, Any]:
-    from cvdeploy.bench.profile import profile_onnx
+    from cvdeploy.bench.profile import profile_variant
     from cvdeploy.predict import Predictor
     from cvdeploy.vision.image import load_image
 
     with console.status("profiling ops (ONNX Runtime profiler)"):
         predictor = Predictor(bundle, variant, imgsz=size)
         tensor, _ = predictor.preprocess([load_image(data[0])])
-        path = predictor.bundle.variant_path(predictor.variant)
         feeds = {predictor.engine.inputs[0].name: tensor}
         kind = predictor.bundle.manifest.variants[predictor.variant].engine
         predictor.close()
-        if kind == "openvino":
-            from cvdeploy.bench.profile import profile_openvino
-
-            prof = profile_openvino(path, feeds, trace_out=trace)
-        else:
-            prof = profile_onnx(path, feeds, trace_out=trace)
+        prof = profile_variant(predictor.bundle, predictor.variant, feeds, trace_out=trace)
     nodes, ops = prof.top(top)
     head = f"{prof.node_ms_per_run:.2f} ms of kernel time per run, {prof.runs} runs"
     t = Table(title=f"slowest nodes · {head}", title_style="bold")
@@ -231,10 +225,9 @@ def layers_cmd(
     The question it answers: where does a variant win or lose its time, e.g. whether this CPU runs
     INT8 convolutions faster than FP32 ones at all, or whether quantize/dequantize work eats the gain.
     """
-    from cvdeploy.bench.profile import compare_profiles, median_profile, profile_onnx, profile_openvino
+    from cvdeploy.bench.profile import profile_pair
     from cvdeploy.bundle.environment import cpu_info
     from cvdeploy.predict import Predictor
-    from cvdeploy.runtime.onnxruntime import OrtOptions
     from cvdeploy.vision.image import load_image
 
     first = Predictor(bundle, "onnx-fp32" if variants is None else variants.split(",")[0].strip(), imgsz=imgsz)
@@ -250,24 +243,12 @@ def layers_cmd(
             raise fail(f"--variants takes two different variants, A,B; got {variants!r}")
         if (missing := [v for v in pair if v not in known]):
             raise fail(f"{bundle} has no variant {missing[0]!r} (variants: {', '.join(known)})")
-    for v in pair:
-        if first.bundle.manifest.variants[v].encryption:
-            raise fail(f"variant {v} is encrypted: profile the bundle before `cvdeploy protect`")
     tensor, _ = first.preprocess([load_image(bench_images(images, n=1)[0])])
     feeds = {first.engine.inputs[0].name: tensor}
     first.close()
-    rounds_of: dict[str, list[Any]] = {v: [] for v in pair}
     with console.status("profiling") as status:
-        for r in range(rounds):  # alternating order, so that the machine's drift hits both alike
-            for v in (pair if r % 2 == 0 else pair[::-1]):
-                status.update(f"profiling · round {r + 1}/{rounds} · {v} · {runs} runs")
-                path = first.bundle.variant_path(v)
-                if first.bundle.manifest.variants[v].engine == "openvino":
-                    rounds_of[v].append(profile_openvino(path, feeds, runs=runs))
-                else:
-                    rounds_of[v].append(profile_onnx(path, feeds, runs=runs, options=OrtOptions(intra_op_threads=threads)))
-    cmp_ = compare_profiles(*(median_profile(rounds_of[v]) for v in pair), labels=(pair[0], pair[1]))
-    per_round = [compare_profiles(rounds_of[pair[0]][r], rounds_of[pair[1]][r]).speedup("convolution") for r in range(rounds)]
+        cmp_, per_round = profile_pair(first.bundle, pair[0], pair[1], feeds, rounds=rounds, runs=runs, threads=threads,
+                                       on_step=lambda s: status.update(f"profiling · {s}"))
     a, b = pair
     shape = "x".join(str(d) for d in tensor.shape)
     t = Table(title=f"{first.bundle.name} · input {shape} · kernel ms per run, medians of {rounds} rounds of {runs} runs",
