@@ -12,6 +12,10 @@
    throughput, p50 and p99 latency, errors. The load generator shares the machine's cores with the
    server, so it is a prepared-request HTTP/1.1 client on asyncio streams (about 0.5 ms of CPU per
    request, where httpx took 4 ms); its CPU per request is printed;
+   For each concurrency it also prints the server's CPU per request by thread role (engine,
+   decode, event loop; the server names its threads) and how busy the machine was: on a machine
+   whose cores the engine shares, the engine's share of the server's CPU bounds the ratio to the
+   raw limit;
 3. soak: `--soak` seconds at concurrency 8, sampling the server's resident memory every second.
 Target (issue 5): at concurrency 8, at least 0.85x the raw limit, no errors, memory stable.
 Only 127.0.0.1 is used.
@@ -46,6 +50,28 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds of the server so far, by the role of its threads (the server names them on Linux):
+    engine (cvd-engine, plus unnamed threads: the engines' own pools), decoding and loads (cvd-work), event loop (main)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"engine": 0.0, "decode": 0.0, "event_loop": 0.0}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended
+            continue
+        role = "event_loop" if int(tid) == pid else "decode" if comm.startswith("cvd-work") else "engine"
+        out[role] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)
 
 
 def raw_limit(bundle: Path, images: list[bytes], instances: int = 1, threads: int | None = None,
@@ -285,10 +311,18 @@ def main() -> None:
         asyncio.run(load(url, model, images, 4, 40, None))  # warm the HTTP path
         rows = []
         for c in [int(x) for x in args.concurrency.split(",")]:
+            cpu0, busy0 = cpu_by_role(server.pid), machine_busy()
             r = asyncio.run(load(url, model, images, c, args.requests, None))
+            cpu1, busy1 = cpu_by_role(server.pid), machine_busy()
+            r["server_cpu_ms_per_request"] = {k: round(1000 * (cpu1[k] - cpu0[k]) / r["requests"], 2) for k in cpu0}
+            r["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3)
             rows.append(r)
+            split = r["server_cpu_ms_per_request"]
             print(f"c={c:<3} {r['throughput_ips']:7.1f} img/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
                   f"errors {r['errors']}  (load generator: {r['client_cpu_ms_per_request']:.1f} ms CPU per request)", flush=True)
+            print(f"       server CPU per request: engine {split['engine']:.1f} ms, decode {split['decode']:.1f} ms, event loop "
+                  f"{split['event_loop']:.1f} ms: the engine's share {split['engine'] / max(1e-9, sum(split.values())):.2f}; "
+                  f"machine {100 * r['machine_busy']:.0f} % busy", flush=True)
         # This machine's speed drifts: the limit is measured again (server idle) and the higher figure counts.
         after = raw_limit(bundle, images, args.instances, args.threads)
         best = max(max(limit.values()), max(after.values()))

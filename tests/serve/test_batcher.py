@@ -133,3 +133,15 @@ def test_engine_threads_split_the_cores_among_instances(monkeypatch: pytest.Monk
     assert engine_threads(1, None) is None  # one instance: the bundle's tuned setting or the engine's default
     assert engine_threads(2, None) == 4 and engine_threads(3, None) == 2 and engine_threads(16, None) == 1
     assert engine_threads(2, 3) == 3  # as asked
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="OS thread names are read from /proc")
+def test_server_threads_carry_os_names() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from cvdeploy.serve.batcher import os_thread_namer
+
+    with ThreadPoolExecutor(1, initializer=os_thread_namer("cvd-engine")) as pool:
+        tid = pool.submit(threading.get_native_id).result()
+        assert Path(f"/proc/self/task/{tid}/comm").read_text().strip() == "cvd-engine"

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -276,6 +277,14 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Decoding, letterboxing and loads run in the loop's default executor: named threads, as many as asyncio's default.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from cvdeploy.serve.batcher import os_thread_namer
+
+        workers = min(32, (os.cpu_count() or 1) + 4)
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cvdeploy-work", initializer=os_thread_namer("cvd-work")))
         if load_all:
             for name in sorted(repo._sources):
                 await repo.load(name)  # loaded and warmed before the first request is accepted
