@@ -108,6 +108,11 @@ async def _run(m: LoadedModel, tensor: np.ndarray, timeout: float) -> dict[str, 
         raise ApiError(504, f"model {m.name!r} did not answer within {timeout:g} s") from None
 
 
+async def _all(aws: list[Any]) -> list[Any]:
+    """Await every awaitable: one directly (the common single-image request, without gather's task), several gathered."""
+    return [await aws[0]] if len(aws) == 1 else list(await asyncio.gather(*aws))
+
+
 async def _detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], options: Any, annotate: bool = False) -> list[dict]:
     """Encoded images -> decode and letterbox (thread pool) -> batched engine -> NMS -> result dicts."""
     from cvdeploy.vision.draw import draw
@@ -133,16 +138,10 @@ async def _detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], o
         return img, tensor, params[0], (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
 
     timeout = repo.settings.request_timeout_s
-    if len(blobs) == 1:  # the common case, without gather's task per item
-        with m.batcher.expect(1):
-            prepared = [await asyncio.to_thread(prepare, blobs[0])]
-        t0 = time.perf_counter()
-        outs = [await _run(m, prepared[0][1], timeout)]
-    else:
-        with m.batcher.expect(len(blobs)):
-            prepared = await asyncio.gather(*(asyncio.to_thread(prepare, b) for b in blobs))
-        t0 = time.perf_counter()
-        outs = await asyncio.gather(*(_run(m, t, timeout) for _, t, _, _, _ in prepared))
+    with m.batcher.expect(len(blobs)):
+        prepared = await _all([asyncio.to_thread(prepare, b) for b in blobs])
+    t0 = time.perf_counter()
+    outs = await _all([_run(m, t, timeout) for _, t, _, _, _ in prepared])
     infer_ms = (time.perf_counter() - t0) * 1000
     results = []
     for (img, _, params, dec, pre), out in zip(prepared, outs, strict=True):

@@ -43,10 +43,9 @@ class ServeSettings:
 class LoadedModel:
     name: str
     version: str
-    predictor: Any  # cvdeploy.Predictor (its engine, spec, options and names): the first instance
+    instances: list[Any]  # one cvdeploy.Predictor per engine instance (each its own session)
     batcher: DynamicBatcher
     path: Path
-    instances: list[Any] = field(default_factory=list)  # every instance's Predictor, the first one included
     loaded_at: float = field(default_factory=time.time)
     active: int = 0  # requests holding this version; it is stopped only when they are done
 
@@ -56,6 +55,11 @@ class LoadedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.active -= 1
+
+    @property
+    def predictor(self) -> Any:
+        """The first instance: its engine, spec, options and names stand for the model."""
+        return self.instances[0]
 
     @property
     def bundle(self) -> Any:
@@ -186,7 +190,6 @@ class Repository:
             for p in predictors:
                 p.close()
             raise
-        predictor = predictors[0]
         labels = (name, version)
 
         def on_batch(stats: BatchStats) -> None:
@@ -197,14 +200,14 @@ class Repository:
 
         batcher = DynamicBatcher([p.infer_all for p in predictors], max_batch=s.max_batch, max_delay_ms=s.max_delay_ms,
                                  max_queue=s.max_queue, on_batch=on_batch)
-        return LoadedModel(name, version, predictor, batcher, path, instances=predictors)
+        return LoadedModel(name, version, predictors, batcher, path)
 
     async def _warm(self, m: LoadedModel) -> None:
         """First calls allocate and pick kernels: pay for them, on every instance, before the model is visible."""
         h, w = m.predictor.spec.imgsz
         for n in sorted({1, min(m.predictor.max_batch, self.settings.max_batch)}):
             x = np.full((n, 3, h, w), 114 / 255.0, np.float32)
-            for p in m.instances or [m.predictor]:
+            for p in m.instances:
                 for _ in range(self.settings.warmup_runs):
                     await asyncio.to_thread(p.infer_all, x)
 
@@ -226,7 +229,7 @@ async def _drain_and_stop(m: LoadedModel, timeout: float = 30.0) -> None:
     while m.active and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
     await m.batcher.stop(max(0.0, deadline - time.monotonic()))
-    for p in m.instances or [m.predictor]:
+    for p in m.instances:
         p.close()
 
 
