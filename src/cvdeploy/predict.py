@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, overload
 
@@ -57,7 +57,11 @@ class Predictor:
         m = self.bundle.manifest
         if m.task not in SUPPORTED_TASKS:
             raise InputError(f"the Predictor runs {', '.join(SUPPORTED_TASKS)} models; {self.bundle.name!r} is a {m.task} model")
-        self.variant = variant or choose_variant(self.bundle)
+        if variant is None:
+            choice = variant_choice(self.bundle)
+            self.variant, self.variant_reason = choice.name, choice.reason
+        else:
+            self.variant, self.variant_reason = variant, "asked for"
         if engine_options is None and (hint := self.bundle.runtime_hint(self.variant)) is not None:
             if hint.engine == "openvino":
                 from cvdeploy.runtime.openvino import OvOptions
@@ -66,18 +70,19 @@ class Predictor:
             else:
                 engine_options = OrtOptions(intra_op_threads=hint.intra_op_threads, inter_op_threads=hint.inter_op_threads,
                                             execution_mode=hint.execution_mode, graph_optimization=hint.graph_optimization)
-        kind = m.variants[self.variant].engine if self.variant in m.variants else "onnxruntime"
+        path = self.bundle.variant_path(self.variant)  # refuses a variant the bundle does not have
+        v = m.variants[self.variant]
+        kind = v.engine
         if threads is not None:
             engine_options = _with_threads(engine_options, kind, threads)
-        path = self.bundle.variant_path(self.variant)
-        if m.variants[self.variant].encryption:  # a protected bundle: decrypted in memory, never written out
+        if v.encryption:  # a protected bundle: decrypted in memory, never written out
             from cvdeploy.security.protect import load_key, variant_bytes
 
             main, extra = variant_bytes(self.bundle, self.variant, model_key if model_key is not None else load_key())
             source: Any = main if kind == "onnxruntime" else (main, next(iter(extra.values()), b""))
-            self.engine = open_engine(source, kind, engine_options)
+            self.engine = open_engine(source, kind, engine_options, precision=v.precision)
         else:
-            self.engine = open_engine(path, kind, engine_options)
+            self.engine = open_engine(path, kind, engine_options, precision=v.precision)
         if max_batch < 1:
             raise InputError(f"max_batch must be at least 1, got {max_batch}")
         inp = self.engine.inputs[0]
@@ -192,28 +197,56 @@ class Predictor:
         return f"Predictor(bundle={self.bundle.name!r}, variant={self.variant!r}, provider={self.engine.provider!r})"
 
 
-def choose_variant(bundle: Bundle, providers: Sequence[str] | None = None) -> str:
-    """The fastest verified variant for this hardware; the bundle's default when nothing is clearly faster.
+@dataclass(frozen=True)
+class VariantChoice:
+    name: str
+    reason: str
 
-    FP16 runs fast only on a GPU provider; on a CPU the choice is by the latency measured at build
-    time, and a variant must be at least 10 % faster than the default to displace it (noise).
+
+def variant_choice(bundle: Bundle, providers: Sequence[str] | None = None, *, machine: str | None = None,
+                   cpu_flags: Sequence[str] | None = None, runnable: Sequence[str] | None = None) -> VariantChoice:
+    """The fastest verified variant on this machine, with the reason; the bundle's default when nothing is clearly faster.
+
+    FP16 runs fast only on a GPU provider. On a CPU the choice reads the latencies measured on this very machine
+    (`manifest.latencies`, written by the build and by `cvdeploy bench tune`), across every engine installed here; a
+    variant must be at least 10 % faster than the default to displace it (noise). Latencies measured on another machine
+    are not used: another CPU can rank INT8 and FP32 the other way round. `machine`, `cpu_flags` and `runnable` default
+    to this machine's (tests inject them).
     """
+    from cvdeploy.bench.latency import runnable_here
+    from cvdeploy.bundle.environment import BF16_FLAGS, cpu_info, machine_id
     from cvdeploy.runtime.onnxruntime import available_providers
 
     m = bundle.manifest
+    default = m.default_variant
     gpu = bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(providers or available_providers()))
-    verified = {n: v for n, v in m.variants.items() if v.parity is None or v.parity.passed}
-    if gpu and "onnx-fp16" in verified:
-        return "onnx-fp16"
-    base = m.variants[m.default_variant].metrics.get("latency_ms_b1")
+    fp16 = m.variants.get("onnx-fp16")
+    if gpu and fp16 is not None and (fp16.parity is None or fp16.parity.passed):
+        return VariantChoice("onnx-fp16", "a GPU execution provider is present and onnx-fp16 is verified")
+    cpu = cpu_info() if machine is None or cpu_flags is None else {}
+    machine = machine or machine_id(cpu)
+    flags = set(cpu_flags if cpu_flags is not None else cpu.get("flags", []))  # type: ignore[arg-type]
+    record = next((r for r in reversed(m.latencies) if r.machine == machine), None)
+    if record is None:
+        return VariantChoice(default, "no variant latencies measured on this machine (cvdeploy bench tune measures them)")
+    base = record.variants.get(default)
     if base is None:
-        return m.default_variant
-    timed = [(v.metrics["latency_ms_b1"], n) for n, v in verified.items()
-             if v.precision != "fp16" and v.engine == "onnxruntime" and "latency_ms_b1" in v.metrics]
+        return VariantChoice(default, f"the default {default} was not timed on this machine")
+    ok = set(runnable if runnable is not None else runnable_here(bundle))  # imports OpenVINO only when it has variants
+    timed = [(ms, n) for n, ms in record.variants.items()
+             if n in ok and m.variants[n].precision != "fp16" and (m.variants[n].precision != "bf16" or flags & BF16_FLAGS)]
     if not timed:
-        return m.default_variant
+        return VariantChoice(default, "no other verified variant runs here")
     best_ms, best = min(timed)
-    return best if best_ms <= 0.9 * base else m.default_variant
+    if best != default and best_ms <= 0.9 * base:
+        return VariantChoice(best, f"{best} ran {base / best_ms:.2f}x as fast as {default} on this machine "
+                                   f"({best_ms:.2f} vs {base:.2f} ms, {record.how or 'measured'} {record.measured_at})")
+    return VariantChoice(default, f"no verified variant is 10 % faster than {default} on this machine")
+
+
+def choose_variant(bundle: Bundle, providers: Sequence[str] | None = None, **inject: Any) -> str:
+    """The name `variant_choice` picks (see there)."""
+    return variant_choice(bundle, providers, **inject).name
 
 
 def _with_threads(options: Any, kind: str, threads: int) -> Any:

@@ -110,17 +110,20 @@ def profile_onnx(
 
 
 def profile_openvino(model: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, runs: int = 20, warmup: int = 3,
-                     hint: str = "LATENCY", trace_out: str | os.PathLike[str] | None = None) -> OpProfile:
+                     hint: str = "LATENCY", trace_out: str | os.PathLike[str] | None = None, precision: str = "fp32") -> OpProfile:
     """OpenVINO's per-layer performance counters (PERF_COUNT), summed over `runs` measured inferences.
+
+    `precision` is the variant's: the float precision is pinned to it as when the variant is served.
 
     `trace_out` receives the counters as JSON (layer, type, execution type, microseconds per run).
     """
     if runs < 1 or warmup < 0:
         raise InputError(f"profile needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    from cvdeploy.runtime.openvino import _ov
+    from cvdeploy.runtime.openvino import VARIANT_PRECISION, _ov
 
     ov = _ov()
-    compiled = ov.Core().compile_model(str(model), "CPU", {"PERFORMANCE_HINT": hint, "PERF_COUNT": True})
+    compiled = ov.Core().compile_model(str(model), "CPU", {"PERFORMANCE_HINT": hint, "PERF_COUNT": True,
+                                                           "INFERENCE_PRECISION_HINT": VARIANT_PRECISION[precision]})
     request = compiled.create_infer_request()
     for _ in range(warmup):
         request.infer(feeds)
@@ -247,7 +250,7 @@ def profile_variant(bundle: Any, variant: str, feeds: dict[str, np.ndarray], *, 
         raise InputError(f"variant {variant} is encrypted: profile the bundle before `cvdeploy protect`")
     path = bundle.variant_path(variant)
     if v.engine == "openvino":
-        return profile_openvino(path, feeds, runs=runs, trace_out=trace_out)
+        return profile_openvino(path, feeds, runs=runs, trace_out=trace_out, precision=v.precision)
     return profile_onnx(path, feeds, runs=runs, options=OrtOptions(intra_op_threads=threads), trace_out=trace_out)
 
 

@@ -49,39 +49,62 @@ def head_float_nodes(model: Any) -> list[str]:
             if n.name.startswith(head) and not re.match(re.escape(head) + r"(cv2|cv3|one2one_cv2|one2one_cv3)\.", n.name)]
 
 
-# -- the INT8 recipe for this CPU ----------------------------------------------------------------
+# -- INT8 recipes: candidates tried on this machine -----------------------------------------------
 
 
 @dataclass(frozen=True)
 class Int8Recipe:
-    """Types and options of a static INT8 quantization, with the reason they were chosen."""
+    """Types and options of a static INT8 (QDQ) quantization for ONNX Runtime."""
 
+    name: str
     activation_type: str  # "uint8" or "int8"
     weight_type: str  # "int8"
-    reduce_range: bool
+    reduce_range: bool  # 7-bit weights
     per_channel: bool
     calib_method: str
-    reason: str
+    activation_symmetric: bool
+    note: str  # what the recipe is for, and where it may not hold
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def recipe_for_cpu(cpu_flags: Iterable[str], calib_method: str = "minmax", per_channel: bool = True) -> Int8Recipe:
-    """ONNX Runtime's guidance on x86-64: S8S8 QDQ with VNNI; without VNNI, U8S8 with 7-bit weights.
+_RECIPES = {
+    "u8s8-w7": ("uint8", True, False, "U8S8, 7-bit weights: no int16 saturation in AVX2's u8*s8 pair sums (vpmaddubsw); "
+                                      "exact on every x86-64 CPU"),
+    "u8s8-w8": ("uint8", False, False, "U8S8, full 8-bit weights: exact with VNNI, AMX or Arm dot products; on an x86 CPU "
+                                       "without VNNI its pair sums can saturate int16 (cvdeploy verify there tells)"),
+    "s8s8-asym": ("int8", False, False, "S8S8, asymmetric activations: ONNX Runtime's suggestion for VNNI CPUs"),
+}
+INT8_RECIPES = tuple(_RECIPES)
 
-    Without VNNI the AVX2 kernel (vpmaddubsw) adds pairs of u8*s8 products into int16 and can
-    saturate; reducing the weight range to 7 bits avoids it.
-    """
+
+def int8_recipe(name: str, calib_method: str = "minmax", per_channel: bool = True) -> Int8Recipe:
+    if name not in _RECIPES:
+        raise InputError(f"unknown INT8 recipe {name!r}; choose from {', '.join(INT8_RECIPES)}")
     if calib_method not in CALIB_METHODS:
         raise InputError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {calib_method!r}")
+    act, reduce, symmetric, note = _RECIPES[name]
+    return Int8Recipe(name, act, "int8", reduce, per_channel, calib_method, symmetric, note)
+
+
+def recipe_candidates(cpu_flags: Iterable[str], calib_method: str = "minmax", names: Sequence[str] | None = None,
+                      per_channel: bool = True) -> list[Int8Recipe]:
+    """The recipes to try, in the order a CPU-flag table suggests (it only orders them: the build measures and verifies
+    every one on this machine and keeps the fastest that verifies; the first is the one the repair starts from).
+
+    `names` restricts (and orders) the candidates.
+    """
     flags = set(cpu_flags)
-    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-        return Int8Recipe("int8", "int8", False, per_channel, calib_method, "CPU has VNNI: S8S8, full 8-bit weights")
-    if flags & {"asimddp", "neon", "asimd"}:
-        return Int8Recipe("uint8", "int8", False, per_channel, calib_method, "Arm CPU: U8S8, full 8-bit weights")
-    return Int8Recipe("uint8", "int8", True, per_channel, calib_method,
-                      "x86-64 without VNNI: U8S8 with 7-bit weights (reduce_range) against int16 saturation")
+    if names is not None:
+        order = list(dict.fromkeys(names))
+        if not order:
+            raise InputError(f"give at least one INT8 recipe ({', '.join(INT8_RECIPES)})")
+    elif flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "asimd", "neon"}:
+        order = ["u8s8-w8", "u8s8-w7", "s8s8-asym"]  # dot-product instructions: 8-bit weights cannot saturate
+    else:
+        order = ["u8s8-w7", "s8s8-asym", "u8s8-w8"]
+    return [int8_recipe(n, calib_method, per_channel) for n in order]
 
 
 # -- conversions ---------------------------------------------------------------------------------
@@ -138,7 +161,7 @@ def quantize_int8(
             quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
             activation_type=types[recipe.activation_type], weight_type=types[recipe.weight_type],
             calibrate_method=method, nodes_to_exclude=list(float_nodes),
-            extra_options={"ActivationSymmetric": recipe.activation_type == "int8", "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": True},
         )
 
 

@@ -5,10 +5,15 @@ with the source model's (raw error per output and box-level agreement after deco
 (b) with a controlled dataset, its mAP50-95 is within the budget of the FP32 variant's. Its
 figures (parity, mAP, median latency at batch 1 on this machine) go into the manifest.
 
-INT8 is accuracy-aware: when the drop is over budget, the tensors with the worst quantization
-noise (signal-to-quantization-noise ratio of float against quantized activations) are moved back
-to float a few layers at a time, until the budget holds or the rounds run out; then the variant
-is refused with what was tried.
+Hardware-dependent choices are measured here, never read from a table. onnx-int8 tries every
+candidate recipe (`quantize.recipe_candidates`), verifies each, times the survivors interleaved
+with onnx-fp32 and keeps the fastest; every candidate is recorded with its figures. OpenVINO runs
+each variant at the precision its name says (openvino-bf16 only where the CPU computes bf16 natively).
+
+INT8 is accuracy-aware: when no candidate holds the budget, the tensors with the worst quantization
+noise (signal-to-quantization-noise ratio of float against quantized activations) of the first
+candidate are moved back to float a few layers at a time, until the budget holds or the rounds run
+out; then the variant is refused with what was tried.
 """
 
 from __future__ import annotations
@@ -21,17 +26,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from cvdeploy.bundle.bundle import Bundle, sha256_file
-from cvdeploy.bundle.environment import cpu_info
+from cvdeploy.bundle.environment import BF16_FLAGS, cpu_info
 from cvdeploy.bundle.manifest import Variant
 from cvdeploy.errors import BundleError, InputError
 from cvdeploy.evaluate.parity import golden_check
 
 ONNX_VARIANTS = {"onnx-fp32": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}
-OPENVINO_VARIANTS = {"openvino-fp32": "fp32", "openvino-int8": "int8"}
+OPENVINO_VARIANTS = {"openvino-fp32": "fp32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
 ALL_VARIANTS = {**ONNX_VARIANTS, **OPENVINO_VARIANTS}
 
 
@@ -54,6 +60,14 @@ def default_variants(have_data: bool) -> list[str]:
     return out
 
 
+def not_offered(name: str, cpu_flags: Sequence[str]) -> str | None:
+    """Why `name` is not offered on a CPU with `cpu_flags`, or None."""
+    if ALL_VARIANTS.get(name) == "bf16" and not set(cpu_flags) & BF16_FLAGS:
+        return (f"{name} needs a CPU that computes bfloat16 natively ({' or '.join(sorted(BF16_FLAGS))}); this one would "
+                "emulate or silently fall back to f32")
+    return None
+
+
 @dataclass
 class Outcome:
     """What happened to one requested variant."""
@@ -62,7 +76,7 @@ class Outcome:
     written: bool
     reason: str
     variant: Variant | None = None
-    tried: list[str] = field(default_factory=list)  # INT8 repair rounds
+    tried: list[str] = field(default_factory=list)  # INT8 candidates and repair rounds
 
 
 # -- measurements ----------------------------------------------------------------------------------
@@ -136,7 +150,7 @@ def _producer_map(model_path: Path) -> dict[str, str]:
     return {out: n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node for out in n.output}
 
 
-# -- the public entry point -----------------------------------------------------------------------
+# -- making, verifying and repairing one variant -----------------------------------------------------
 
 
 def _file_of(name: str) -> str:
@@ -152,7 +166,7 @@ def _remove(root: Path, name: str) -> None:
 
 
 def _openvino(fp32: Path, out_xml: Path, calib: Sequence[np.ndarray] | None, float_head: bool) -> None:
-    """Convert the ONNX FP32 model to OpenVINO IR; with `calib`, quantize it to INT8 with NNCF."""
+    """Convert the ONNX FP32 model to OpenVINO IR (f32 weights); with `calib`, quantize it to INT8 with NNCF."""
     try:
         import openvino as ov
     except ImportError as e:
@@ -181,6 +195,186 @@ def _openvino(fp32: Path, out_xml: Path, calib: Sequence[np.ndarray] | None, flo
     ov.save_model(model, str(out_xml), compress_to_fp16=False)
 
 
+@dataclass
+class _Job:
+    """What every variant of one `add_variants` call shares."""
+
+    bundle: Bundle
+    data: str | os.PathLike[str] | None
+    calib_images: int
+    max_map_drop: float
+    quantize_head: bool
+    step: Callable[[str, str], None]
+    timer: Any = None  # bench.latency's timer; tests inject timings through it
+    _calib: list[np.ndarray] = field(default_factory=list)
+    _head: list[str] | None = None
+
+    @property
+    def root(self) -> Path:
+        assert self.bundle.root is not None
+        return self.bundle.root
+
+    @property
+    def fp32(self) -> Path:
+        return self.bundle.variant_path("onnx-fp32")
+
+    def calib(self, name: str) -> list[np.ndarray]:
+        if not self._calib:
+            self.step(name, "calibration images")
+            self._calib = calibration_tensors(self.bundle, self.data, self.calib_images)  # type: ignore[arg-type]
+        return self._calib
+
+    def head_nodes(self) -> list[str]:
+        if self._head is None:
+            import onnx
+
+            from cvdeploy.build.quantize import head_float_nodes
+
+            self._head = head_float_nodes(onnx.load(str(self.fp32), load_external_data=False))
+        return self._head
+
+
+@dataclass
+class _Checked:
+    """A made variant file and what its verification found."""
+
+    variant: Variant
+    problem: str | None
+
+
+def _verify(job: _Job, name: str, target: Path) -> _Checked:
+    """Golden parity (raw outputs and boxes) and, with data, the mAP budget; the variant's record either way."""
+    precision = ALL_VARIANTS[name]
+    kind = "openvino" if name in OPENVINO_VARIANTS else "onnxruntime"
+    job.step(name, "golden parity")
+    parity, agreement, problem = golden_check(job.bundle, target, precision, engine_kind=kind)
+    companions = {} if kind == "onnxruntime" else {
+        str(target.with_suffix(".bin").relative_to(job.root)): sha256_file(target.with_suffix(".bin"))}
+    variant = Variant(file=str(target.relative_to(job.root)), format="openvino" if kind == "openvino" else "onnx",  # type: ignore[arg-type]
+                      precision=precision, engine=kind, sha256=sha256_file(target),  # type: ignore[arg-type]
+                      size_bytes=sum(f.stat().st_size for f in [target, *(job.root / c for c in companions)]),
+                      companions=companions, parity=parity, metrics={"box_agreement": round(agreement, 4)})
+    if problem is None and job.data is not None:
+        job.step(name, "mAP")
+        variant.metrics.update(map_of(_with_variant(job.bundle, name, variant), name, job.data))
+        drop = 100.0 * (job.bundle.manifest.variants["onnx-fp32"].metrics["map50_95"] - variant.metrics["map50_95"])
+        variant.metrics["map50_95_drop_points"] = round(drop, 3)
+        if drop > job.max_map_drop:
+            problem = f"mAP50-95 drops by {drop:.2f} points (budget {job.max_map_drop:g})"
+    return _Checked(variant, problem)
+
+
+def _repair_order(job: _Job, target: Path, float_nodes: Sequence[str]) -> list[str]:
+    """Quantized nodes, worst quantization noise (lowest SQNR) first, not yet in float."""
+    noise = _quantization_noise(job.fp32, target, job.calib("onnx-int8"), job.bundle.manifest.input.name)
+    producer = _producer_map(job.fp32)
+    ordered: list[str] = []
+    for tensor, _ in sorted(noise.items(), key=lambda kv: kv[1]):
+        node = producer.get(tensor)
+        if node and node not in float_nodes and node not in ordered:
+            ordered.append(node)
+    return ordered
+
+
+def _onnx_int8(job: _Job, outcome: Outcome, recipes: Sequence[Any], repair_rounds: int, layers_per_round: int) -> _Checked:
+    """Every recipe made and verified; the survivors timed interleaved with onnx-fp32; the fastest kept.
+
+    When none survives, the first recipe is repaired (worst-quantized tensors back to float, round by round).
+    """
+    from cvdeploy.bench.latency import interleaved_latency
+    from cvdeploy.build.quantize import quantize_int8
+
+    name = "onnx-int8"
+    calib = job.calib(name)
+    base_float = [] if job.quantize_head else list(job.head_nodes())
+    stage = Path(tempfile.mkdtemp(prefix=".int8-", dir=job.root / "variants"))
+    try:
+        checked: dict[str, _Checked] = {}
+        floats: dict[str, list[str]] = {}
+        for recipe in recipes:
+            target = stage / f"{recipe.name}.onnx"
+            job.step(name, f"quantize · {recipe.name}")
+            quantize_int8(job.fp32, target, calib, recipe, float_nodes=base_float)
+            checked[recipe.name], floats[recipe.name] = _verify(job, name, target), list(base_float)
+            outcome.tried.append(f"{recipe.name}: {len(base_float)} node(s) in float: " + (checked[recipe.name].problem or "ok"))
+        first = recipes[0]
+        for round_ in range(1, repair_rounds + 1):
+            if any(c.problem is None for c in checked.values()):
+                break
+            # Accuracy-aware repair of the first candidate: the worst-quantized tensors go back to float.
+            job.step(name, f"repair {round_}/{repair_rounds} · {first.name}: rank tensors by quantization noise")
+            target = stage / f"{first.name}.onnx"
+            ordered = _repair_order(job, target, floats[first.name])
+            if not ordered:
+                break
+            floats[first.name] = floats[first.name] + ordered[:layers_per_round]
+            quantize_int8(job.fp32, target, calib, first, float_nodes=floats[first.name])
+            checked[first.name] = _verify(job, name, target)
+            outcome.tried.append(f"{first.name} repair round {round_}: {len(floats[first.name])} node(s) in float: "
+                                 + (checked[first.name].problem or "ok"))
+        survivors = [r for r in recipes if checked[r.name].problem is None]
+        latencies: dict[str, float] = {}
+        if survivors:
+            job.step(name, f"time {len(survivors)} verified recipe(s) against onnx-fp32, interleaved")
+            golden = next(job.bundle.golden())
+            models = {"onnx-fp32": (job.fp32, "onnxruntime", "fp32"),
+                      **{r.name: (stage / f"{r.name}.onnx", "onnxruntime", "int8") for r in survivors}}
+            latencies = interleaved_latency(models, golden.input[:1], **({"timer": job.timer} if job.timer else {}))
+        candidates = [{"recipe": r.name, "verified": checked[r.name].problem is None, "problem": checked[r.name].problem,
+                       "float_nodes": len(floats[r.name]),
+                       "max_abs_scores": _worst_scores(checked[r.name].variant),
+                       **{k: checked[r.name].variant.metrics[k] for k in ("box_agreement", "map50_95", "map50_95_drop_points")
+                          if k in checked[r.name].variant.metrics},
+                       **({"latency_ms_b1": round(latencies[r.name], 3),
+                           "speedup_vs_fp32": round(latencies["onnx-fp32"] / latencies[r.name], 3)} if r.name in latencies else {})}
+                      for r in recipes]
+        if not survivors:
+            worst = checked[first.name]
+            return _Checked(worst.variant, worst.problem)
+        winner = min(survivors, key=lambda r: latencies[r.name])
+        final = job.root / _file_of(name)
+        (stage / f"{winner.name}.onnx").replace(final)
+        result = checked[winner.name].variant
+        result.file, result.sha256 = _file_of(name), sha256_file(final)
+        why = (f"fastest of {len(survivors)} verified recipe(s) on this machine: {latencies[winner.name]:.2f} ms against "
+               f"{latencies['onnx-fp32']:.2f} ms for onnx-fp32 ({latencies['onnx-fp32'] / latencies[winner.name]:.2f}x), "
+               "interleaved at batch 1")
+        cpu = cpu_info()
+        result.quantization = {**winner.to_dict(), "recipe": winner.name, "why": why, "candidates": candidates,
+                               "calib_images": len(calib), "head_in_float": not job.quantize_head,
+                               "float_nodes": len(floats[winner.name]), "cpu": cpu.get("model"), "cpu_flags": cpu.get("flags")}
+        return _Checked(result, None)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _worst_scores(v: Variant) -> float | None:
+    if v.parity is None:
+        return None
+    return round(max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values()), 5)
+
+
+def _one(job: _Job, name: str) -> _Checked:
+    """onnx-fp16 and the OpenVINO variants: made once, verified."""
+    from cvdeploy.build.quantize import convert_fp16
+
+    precision = ALL_VARIANTS[name]
+    target = job.root / _file_of(name)
+    job.step(name, "convert" if precision != "int8" else "quantize")
+    if name == "onnx-fp16":
+        convert_fp16(job.fp32, target)
+    else:
+        _openvino(job.fp32, target, job.calib(name) if precision == "int8" else None, float_head=not job.quantize_head)
+    checked = _verify(job, name, target)
+    if precision == "int8" and checked.problem is None:
+        checked.variant.quantization = {"tool": "nncf", "preset": "mixed", "calib_images": len(job.calib(name)),
+                                        "head_in_float": not job.quantize_head}
+    return checked
+
+
+# -- the public entry point -----------------------------------------------------------------------
+
+
 def add_variants(
     bundle_path: str | os.PathLike[str],
     names: Sequence[str],
@@ -192,38 +386,46 @@ def add_variants(
     repair_rounds: int = 4,
     layers_per_round: int = 4,
     quantize_head: bool = False,
+    int8_recipes: Sequence[str] | None = None,
+    cpu_flags: Sequence[str] | None = None,
     on_step: Callable[[str, str], None] | None = None,
+    timer: Any = None,
 ) -> list[Outcome]:
     """Make, verify and add the variants `names` to the bundle at `bundle_path`; return what happened to each.
 
     `max_map_drop` is in mAP50-95 points (1.0 = 0.01). `quantize_head=True` quantizes the YOLO
-    head's decoding too (a bad idea, kept to show that the guard catches it). A variant already
-    in the bundle is rebuilt.
+    head's decoding too (a bad idea, kept to show that the guard catches it). `int8_recipes`
+    restricts the INT8 recipes tried (default: all, in the order this CPU's flags suggest;
+    `cpu_flags` defaults to this CPU's). `timer(label, call) -> ms` replaces the wall clock for every latency
+    (tests inject timings). A variant already in the bundle is rebuilt.
     """
-    from cvdeploy.build.quantize import convert_fp16, head_float_nodes, quantize_int8, recipe_for_cpu
+    from cvdeploy.bench.latency import measure_here, store_record
+    from cvdeploy.build.quantize import recipe_candidates
 
     t_start = time.perf_counter()
     step = on_step or (lambda _v, _s: None)
     unknown = [n for n in names if n not in ALL_VARIANTS]
     if unknown:
         raise InputError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
+    flags = list(cpu_flags if cpu_flags is not None else cpu_info().get("flags", []))  # type: ignore[call-overload]
+    for n in names:
+        if (why := not_offered(n, flags)) is not None:
+            raise InputError(why)
     needs_data = [n for n in names if ALL_VARIANTS[n] == "int8"]
     if needs_data and data is None:
         raise InputError(f"{', '.join(needs_data)} needs --data DATA.yaml: its images calibrate the quantization and its labels "
                          "check the mAP")
     if max_map_drop < 0:
         raise InputError(f"max-map-drop must be >= 0 points, got {max_map_drop}")
+    recipes = recipe_candidates(flags, calib_method, int8_recipes)
     bundle = Bundle.load(bundle_path)
     if bundle.root is None:
         raise InputError(f"{bundle_path} is a plain .onnx file; variants are added to a bundle directory")
     root = bundle.root
     if "onnx-fp32" not in bundle.manifest.variants:
         raise BundleError(f"bundle {bundle.name!r} has no onnx-fp32 variant to derive variants from")
-    fp32 = bundle.variant_path("onnx-fp32")
-    golden = next(bundle.golden(), None)
-    if golden is None:
+    if next(bundle.golden(), None) is None:
         raise BundleError(f"bundle {bundle.name!r} has no golden cases to verify variants against")
-    latency_input = golden.input[:1]
     manifest = bundle.manifest
 
     # The reference figures: the FP32 variant on this machine and the controlled set.
@@ -233,98 +435,38 @@ def add_variants(
         base.metrics.update(map_of(bundle, "onnx-fp32", data))
     bundle.save_manifest()
     outcomes = [Outcome("onnx-fp32", True, "reference", base)]
-    recipe = recipe_for_cpu(cpu_info().get("flags", []), calib_method)
-    calib: list[np.ndarray] = []
-    head_nodes: list[str] | None = None
+    job = _Job(bundle, data, calib_images, max_map_drop, quantize_head, step, timer)
 
     for name in dict.fromkeys(names):  # keep the order, drop repeats
         if name == "onnx-fp32":
             continue
-        precision = ALL_VARIANTS[name]
-        kind = "openvino" if name in OPENVINO_VARIANTS else "onnxruntime"
         if name in manifest.variants:  # rebuild: the old entry goes first, so that the bundle never lists a missing file
             del manifest.variants[name]
             manifest.runtime = [h for h in manifest.runtime if h.variant != name]
             bundle.save_manifest()
         _remove(root, name)
-        target = root / _file_of(name)
         outcome = Outcome(name, False, "")
         outcomes.append(outcome)
-        if precision == "int8" and not calib:
-            step(name, "calibration images")
-            calib = calibration_tensors(bundle, data, calib_images)  # type: ignore[arg-type]
-        if head_nodes is None:
-            import onnx
-
-            head_nodes = head_float_nodes(onnx.load(str(fp32), load_external_data=False))
-        float_nodes: list[str] = [] if quantize_head or precision != "int8" else list(head_nodes)
         try:
-            problem: str | None = None
-            for round_ in range(repair_rounds + 1):
-                step(name, {"fp16": "convert", "fp32": "convert"}.get(precision, "quantize"))
-                if name == "onnx-fp16":
-                    convert_fp16(fp32, target)
-                elif name == "onnx-int8":
-                    quantize_int8(fp32, target, calib, recipe, float_nodes=float_nodes)
-                else:
-                    _openvino(fp32, target, calib if precision == "int8" else None, float_head=not quantize_head)
-                step(name, "golden parity")
-                parity, agreement, problem = golden_check(bundle, target, precision, engine_kind=kind)
-                companions = {} if kind == "onnxruntime" else {
-                    str(target.with_suffix(".bin").relative_to(root)): sha256_file(target.with_suffix(".bin"))}
-                candidate = Variant(file=_file_of(name), format="openvino" if kind == "openvino" else "onnx",  # type: ignore[arg-type]
-                                    precision=precision, engine=kind, sha256=sha256_file(target),  # type: ignore[arg-type]
-                                    size_bytes=sum(f.stat().st_size for f in [target, *(root / c for c in companions)]),
-                                    companions=companions, parity=parity)
-                metrics: dict[str, float] = {"box_agreement": round(agreement, 4)}
-                if problem is None and data is not None:
-                    step(name, "mAP")
-                    metrics.update(map_of(_with_variant(bundle, name, candidate), name, data))
-                    drop = 100.0 * (base.metrics["map50_95"] - metrics["map50_95"])
-                    metrics["map50_95_drop_points"] = round(drop, 3)
-                    if drop > max_map_drop:
-                        problem = f"mAP50-95 drops by {drop:.2f} points (budget {max_map_drop:g})"
-                if precision == "int8":
-                    where = f"{len(float_nodes)} node(s) in float" if kind == "onnxruntime" else \
-                        ("head decoding in float" if not quantize_head else "head quantized too")
-                    outcome.tried.append(f"round {round_}: {where}: " + ("ok" if problem is None else problem))
-                if problem is None or name != "onnx-int8" or round_ == repair_rounds:
-                    break
-                # Accuracy-aware repair: the worst-quantized tensors go back to float.
-                step(name, f"repair {round_ + 1}/{repair_rounds}: rank tensors by quantization noise")
-                noise = _quantization_noise(fp32, target, calib, manifest.input.name)
-                producer = _producer_map(fp32)
-                ordered: list[str] = []
-                for tensor, _ in sorted(noise.items(), key=lambda kv: kv[1]):  # lowest SQNR first
-                    node = producer.get(tensor)
-                    if node and node not in float_nodes and node not in ordered:
-                        ordered.append(node)
-                if not ordered:
-                    break
-                float_nodes = float_nodes + ordered[:layers_per_round]
-            if problem is not None:
-                outcome.reason = problem
-                _remove(root, name)
-                continue
-            candidate.metrics = metrics
-            if precision == "int8":
-                candidate.quantization = {
-                    **(recipe.to_dict() if kind == "onnxruntime" else {"tool": "nncf", "preset": "mixed"}),
-                    "calib_images": len(calib), "head_in_float": not quantize_head,
-                    **({"float_nodes": len(float_nodes)} if kind == "onnxruntime" else {}),
-                }
-            manifest.variants[name] = candidate
-            bundle.save_manifest()
-            outcome.written, outcome.reason, outcome.variant = True, "verified", candidate
+            checked = (_onnx_int8(job, outcome, recipes, repair_rounds, layers_per_round) if name == "onnx-int8"
+                       else _one(job, name))
         except BaseException:
             _remove(root, name)
             raise
+        if checked.problem is not None:
+            outcome.reason = checked.problem
+            _remove(root, name)
+            continue
+        manifest.variants[name] = checked.variant
+        bundle.save_manifest()
+        outcome.written, outcome.reason, outcome.variant = True, "verified", checked.variant
     step("all variants", "latency, interleaved")
-    latencies = interleaved_latency(bundle, list(manifest.variants), latency_input)
-    for n, ms in latencies.items():
-        manifest.variants[n].metrics["latency_ms_b1"] = round(ms, 3)
+    record = measure_here(bundle, list(manifest.variants), how="build", **({"timer": timer} if timer else {}))
+    store_record(manifest, record)
+    for n, ms in record.variants.items():
+        manifest.variants[n].metrics["latency_ms_b1"] = ms
         if n != "onnx-fp32":
-            manifest.variants[n].metrics["speedup_vs_fp32"] = round(latencies["onnx-fp32"] / ms, 3)
+            manifest.variants[n].metrics["speedup_vs_fp32"] = round(record.variants["onnx-fp32"] / ms, 3)
     bundle.save_manifest()
     write_report(bundle, outcomes, time.perf_counter() - t_start)
     return outcomes
@@ -337,25 +479,3 @@ def write_report(bundle: Bundle, outcomes: Sequence[Outcome] = (), wall_s: float
     out = bundle.root / "report.html"
     out.write_text(bundle_report(bundle.manifest, outcomes, wall_s))
     return out
-
-
-def interleaved_latency(bundle: Bundle, names: Sequence[str], tensor: np.ndarray, rounds: int = 6, per_round: int = 5,
-                        warmup: int = 3) -> dict[str, float]:
-    """Median batch-1 latency of each variant, timed in interleaved rounds so that machine noise hits all alike."""
-    from cvdeploy.runtime import open_engine
-
-    engines = {n: open_engine(bundle.variant_path(n), bundle.manifest.variants[n].engine) for n in names}
-    feeds = {n: {e.inputs[0].name: tensor} for n, e in engines.items()}
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for n, e in engines.items():
-        for _ in range(warmup):
-            e.run(feeds[n])
-    for _ in range(rounds):
-        for n, e in engines.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                e.run(feeds[n])
-                samples[n].append((time.perf_counter() - t0) * 1000.0)
-    for e in engines.values():
-        e.close()
-    return {n: float(np.median(v)) for n, v in samples.items()}

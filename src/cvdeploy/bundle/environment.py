@@ -37,6 +37,19 @@ def cpu_info() -> dict[str, object]:
             "flags": [f for f in CPU_FLAGS if f in flags]}
 
 
+def machine_id(cpu: dict[str, object] | None = None) -> str:
+    """A short id of this machine's CPU as far as engines care: model, the flags above and the logical core count."""
+    import hashlib
+
+    c = cpu or cpu_info()
+    key = f"{c.get('model')}|{c.get('machine')}|{c.get('logical_cpus')}|{' '.join(sorted(c.get('flags', [])))}"  # type: ignore[arg-type]
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def capture() -> dict[str, object]:
     """Versions are read from package metadata, so nothing heavy (torch) is imported to report them."""
     return {

@@ -68,19 +68,21 @@ class ParityReport(_Model):
     tolerance_scores: float
     passed: bool
     outputs: dict[str, OutputParity]
+    provider: str | None = None  # the engine and execution provider that ran the check
+    engine_precision: str | None = None  # the float precision the engine reported it ran at (OpenVINO: f32, bf16, f16)
 
 
 class Variant(_Model):
     file: str  # relative to the bundle root
     format: Literal["onnx", "openvino"] = "onnx"
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     engine: Literal["onnxruntime", "openvino"] = "onnxruntime"
     sha256: str
     size_bytes: int
     companions: dict[str, str] = Field(default_factory=dict)  # other files of the variant (OpenVINO .bin) -> sha256
     parity: ParityReport | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # map50_95, map50, latency_ms_b1, box_agreement, ...
-    quantization: dict[str, object] | None = None  # INT8: types, calibration, nodes kept in float, and why
+    quantization: dict[str, Any] | None = None  # INT8: the recipe, every candidate tried with its figures, and why it won
     encryption: dict[str, Any] | None = None  # protected bundles: AES-256-GCM nonce, plaintext hash (never the key)
 
 
@@ -98,10 +100,23 @@ class RuntimeHint(_Model):
     batch: int = Field(1, ge=1)
     concurrency: int = Field(1, ge=1)
     objective: Literal["latency", "throughput"] = "latency"
-    tuned_ms: float  # the winner's median per request
-    default_ms: float  # ONNX Runtime's default settings, same run
+    tuned_ms: float  # the winner's median per request, in fresh rounds against the default after the search
+    default_ms: float  # the engine's default settings, in those same rounds
     cpu: str = ""  # where it was measured: a hint for another machine is only a hint
     tuned_at: str = ""
+
+
+class LatencyRecord(_Model):
+    """Batch-1 latencies of the variants, measured interleaved on one machine; the Predictor chooses from the record of
+    the machine it runs on, never from another machine's."""
+
+    machine: str  # cvdeploy.bundle.environment.machine_id(): CPU model, flags and core count
+    cpu: str = ""
+    flags: list[str] = Field(default_factory=list)
+    variants: dict[str, float]  # variant -> median ms at batch 1
+    input_shape: list[int] = Field(default_factory=list)
+    how: str = ""  # "build" or "bench tune"
+    measured_at: str = ""
 
 
 class GoldenCase(_Model):
@@ -134,6 +149,7 @@ class Manifest(_Model):
     source: SourceInfo
     environment: dict[str, object] = Field(default_factory=dict)
     runtime: list[RuntimeHint] = Field(default_factory=list)  # from `cvdeploy bench tune`, one per variant
+    latencies: list[LatencyRecord] = Field(default_factory=list)  # one per machine the variants were timed on
     created_at: str
     cvdeploy_version: str
 

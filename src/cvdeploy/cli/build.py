@@ -19,20 +19,25 @@ def build(
     images: Path | None = typer.Option(None, help="Directory of images for the golden cases (default: generated scenes)."),
     force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     variants: str | None = typer.Option(
-        None, help="Variants, comma-separated, from onnx-fp32, onnx-fp16, onnx-int8, openvino-fp32, openvino-int8 (default: "
+        None, help="Variants, comma-separated, from onnx-fp32, onnx-fp16, onnx-int8, openvino-fp32, openvino-bf16 (CPUs with "
+        "native bf16 only), openvino-int8 (default: "
         "onnx-fp32; with --data also onnx-int8, and openvino-int8 if OpenVINO is installed; onnx-fp16 where CUDA or TensorRT is present)."),
     data: Path | None = typer.Option(None, help="data.yaml of a controlled dataset: INT8 calibration (train split) and the mAP check (val split)."),
     calib_images: int = typer.Option(64, min=1, help="INT8 calibration images."),
     calib_method: str = typer.Option("minmax", help="INT8 calibration: minmax, entropy or percentile."),
     max_map_drop: float = typer.Option(1.0, min=0.0, help="Largest mAP50-95 drop (points) a variant may have against onnx-fp32."),
     quantize_head: bool = typer.Option(False, help="Also quantize the YOLO head's decoding (for experiments: it ruins scores)."),
+    int8_recipes: str | None = typer.Option(None, help="onnx-int8 recipes to try, comma-separated, from u8s8-w7, u8s8-w8, "
+                                            "s8s8-asym (default: all; each is verified and timed here, the fastest verified wins)."),
 ) -> None:
     """Export MODEL to ONNX FP32 (dynamic batch and size, no NMS), check it against the source, write the bundle;
     then make, verify and add the optimized variants."""
     import time
 
     from cvdeploy.build import BUILD_STEPS, build_bundle
-    from cvdeploy.build.variants import ALL_VARIANTS, default_variants
+    from cvdeploy.build.quantize import recipe_candidates
+    from cvdeploy.build.variants import ALL_VARIANTS, default_variants, not_offered
+    from cvdeploy.bundle.environment import cpu_info
 
     t0 = time.perf_counter()
     wanted = default_variants(data is not None) if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
@@ -44,6 +49,12 @@ def build(
         raise fail(f"{', '.join(int8)} needs --data DATA.yaml (calibration images and the mAP check)")
     if data is not None and not data.is_file():
         raise fail(f"--data: {data} not found")
+    flags = list(cpu_info().get("flags", []))  # type: ignore[call-overload]
+    for v in wanted:  # before the slow export
+        if (why := not_offered(v, flags)) is not None:
+            raise fail(why)
+    recipes = None if int8_recipes is None else [r.strip() for r in int8_recipes.split(",") if r.strip()]
+    recipe_candidates(flags, calib_method, recipes)  # refuses unknown recipes and calibration methods now
 
     progress = Progress(SpinnerColumn(), TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeElapsedColumn(), console=console)
@@ -85,7 +96,8 @@ def build(
             progress.update(tasks[variant], description=f"{variant}: {step}")
 
         outcomes = add_variants(output, ["onnx-fp32", *extra], data=data, calib_images=calib_images, calib_method=calib_method,
-                                max_map_drop=max_map_drop, quantize_head=quantize_head, on_step=on_variant_step)
+                                max_map_drop=max_map_drop, quantize_head=quantize_head, int8_recipes=recipes,
+                                on_step=on_variant_step)
         for t in tasks.values():
             progress.update(t, total=progress.tasks[t].completed or 1, completed=progress.tasks[t].completed or 1)
     from cvdeploy.bundle.bundle import Bundle

@@ -68,7 +68,8 @@ def bundle_report(manifest: Any, outcomes: Sequence[Any] = (), wall_s: float | N
             f"<td>{e(v.precision)}</td><td>{v.size_bytes / 1e6:.2f} MB</td><td>{_fmt(mt.get('map50_95'), '.4f')}</td>"
             f"<td>{_fmt(mt.get('map50'), '.4f')}</td><td>{_fmt(mt.get('map50_95_drop_points'), '.2f')}</td>"
             f"<td>{_fmt(worst, '.1e')}</td><td>{_fmt(mt.get('box_agreement'), '.0%')}</td>"
-            f"<td>{_fmt(mt.get('latency_ms_b1'), '.2f')}</td><td>{_fmt(mt.get('speedup_vs_fp32'), '.2f')}</td></tr>")
+            f"<td>{_fmt(mt.get('latency_ms_b1'), '.2f')}</td><td>{_fmt(mt.get('speedup_vs_fp32'), '.2f')}</td>"
+            f"<td>{e(ran_at(v))}</td></tr>")
         if "latency_ms_b1" in mt and "map50_95" in mt:
             points.append((name, mt["latency_ms_b1"], mt["map50_95"]))
     tried = "".join(
@@ -77,6 +78,7 @@ def bundle_report(manifest: Any, outcomes: Sequence[Any] = (), wall_s: float | N
         for o in outcomes)
     env = manifest.environment or {}
     cpu = env.get("cpu", {}) if isinstance(env, dict) else {}
+    int8 = _int8_candidates(manifest)
     packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages", {}) if isinstance(env, dict) else {}).items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(manifest.name)}: build report</title>
 <style>{CSS}</style></head><body>
@@ -86,14 +88,44 @@ def bundle_report(manifest: Any, outcomes: Sequence[Any] = (), wall_s: float | N
 {'' if wall_s is None else f'(variants step: {wall_s:.1f} s)'}.</p>
 <h2>Variants</h2>
 <table><tr><th>variant</th><th>engine</th><th>precision</th><th>size</th><th>mAP50-95</th><th>mAP50</th><th>drop (points)</th>
-<th>max |Δ| scores vs source</th><th>box agreement</th><th>latency b1 (ms)</th><th>vs onnx-fp32</th></tr>
+<th>max |Δ| scores vs source</th><th>box agreement</th><th>latency b1 (ms)</th><th>vs onnx-fp32</th>
+<th>ran at</th></tr>
 {''.join(rows)}</table>
 <p class=muted>mAP: COCO protocol (faster-coco-eval) on the controlled set's val split, through cvdeploy's Predictor.
 Parity: raw outputs on the bundle's golden inputs against the source model's. Latency: median of interleaved runs,
 batch 1, on the build machine ({e(str(cpu.get('model', '?')))}, flags {e(' '.join(cpu.get('flags', [])))}).</p>
 <h2>Accuracy against latency</h2>
 {scatter_svg(points)}
+{int8}
 {'<h2>What the build tried</h2><ul>' + tried + '</ul>' if tried else ''}
 <h2>Environment</h2><p class=muted>Python {e(str(env.get('python', '?')))}; {e(packages)}</p>
 </body></html>
 """
+
+
+def ran_at(v: Any) -> str:
+    """The precision the engine reported while verifying the variant (OpenVINO's inference precision), or '-'."""
+    if v.parity is None or v.parity.engine_precision is None:
+        return "-"
+    return v.precision if v.parity.engine_precision == "as stored" else v.parity.engine_precision
+
+
+def _int8_candidates(manifest: Any) -> str:
+    """The onnx-int8 recipe search: every candidate with its figures, and why the winner won."""
+    v = manifest.variants.get("onnx-int8")
+    q = (v.quantization or {}) if v is not None else {}
+    if not q.get("candidates"):
+        return ""
+    e = html.escape
+    rows = "".join(
+        f"<tr><td>{e(c['recipe'])}{' (chosen)' if c['recipe'] == q.get('recipe') else ''}</td>"
+        f"<td>{'yes' if c['verified'] else '<span class=bad>no</span>'}</td><td>{_fmt(c.get('max_abs_scores'), '.3f')}</td>"
+        f"<td>{_fmt(c.get('box_agreement'), '.0%')}</td><td>{_fmt(c.get('map50_95_drop_points'), '.2f')}</td>"
+        f"<td>{_fmt(c.get('latency_ms_b1'), '.2f')}</td><td>{_fmt(c.get('speedup_vs_fp32'), '.2f')}</td>"
+        f"<td>{e(c.get('problem') or '')}</td></tr>" for c in q["candidates"])
+    return (f"<h2>INT8 recipes tried on this machine</h2><p>{e(str(q.get('why', '')))}.</p>"
+            "<table><tr><th>recipe</th><th>verified</th><th>max |Δ| scores</th><th>box agreement</th><th>drop (points)</th>"
+            f"<th>latency b1 (ms)</th><th>vs onnx-fp32</th><th>problem</th></tr>{rows}</table>"
+            f"<p class=muted>CPU: {e(str(q.get('cpu', '?')))}, flags {e(' '.join(q.get('cpu_flags') or []))}. "
+            "Each recipe is quantized, verified (golden parity, box agreement, mAP budget), and the verified ones are timed "
+            "interleaved with onnx-fp32; the fastest is kept.</p>")

@@ -11,14 +11,24 @@ from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions, available_provid
 ENGINES = ("onnxruntime", "openvino")
 
 
-def open_engine(model: str | os.PathLike[str] | bytes | tuple[bytes, bytes], engine: str = "onnxruntime", options: Any = None) -> Any:
-    """Open `model` (a path, or bytes held in memory only) with the named engine; `options`: OrtOptions or OvOptions."""
+def open_engine(model: str | os.PathLike[str] | bytes | tuple[bytes, bytes], engine: str = "onnxruntime", options: Any = None,
+                *, precision: str = "fp32") -> Any:
+    """Open `model` (a path, or bytes held in memory only) with the named engine; `options`: OrtOptions or OvOptions.
+
+    `precision` is the variant's (fp32, fp16, bf16, int8): an engine that could pick its own float
+    precision (OpenVINO on a bf16 CPU) is pinned to it, whatever `options` says.
+    """
     if engine == "onnxruntime":
         return OrtEngine(model, options if isinstance(options, OrtOptions) else OrtOptions())
     if engine == "openvino":
-        from cvdeploy.runtime.openvino import OvEngine, OvOptions
+        from dataclasses import replace
 
-        return OvEngine(model, options if isinstance(options, OvOptions) else OvOptions())
+        from cvdeploy.runtime.openvino import VARIANT_PRECISION, OvEngine, OvOptions
+
+        if precision not in VARIANT_PRECISION:
+            raise ValueError(f"unknown variant precision {precision!r}; known: {', '.join(VARIANT_PRECISION)}")
+        base = options if isinstance(options, OvOptions) else OvOptions()
+        return OvEngine(model, replace(base, precision=VARIANT_PRECISION[precision]))
     raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
 
 

@@ -126,6 +126,11 @@ class OrtEngine:
         return self._session.get_providers()[0]
 
     @property
+    def precision(self) -> str:
+        """ONNX Runtime computes in the types the graph holds (no implicit bf16 on CPU): "as stored"."""
+        return "as stored"
+
+    @property
     def metadata(self) -> dict[str, str]:
         """The model's custom metadata (Ultralytics writes names, imgsz, stride, task there)."""
         return dict(self._session.get_modelmeta().custom_metadata_map)

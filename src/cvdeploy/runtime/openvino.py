@@ -14,6 +14,11 @@ from cvdeploy.errors import EngineError, InputError, MissingDependencyError
 from cvdeploy.runtime.base import TensorSpec, check_feeds
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+# OpenVINO's CPU plugin computes in bf16 by default on CPUs that have it (AVX512_BF16, AMX): a model
+# called fp32 would silently run at another precision. The inference precision is always set.
+PRECISIONS = ("f32", "bf16", "f16")
+# A variant's precision -> the float precision OpenVINO runs it at (INT8 keeps its float parts in f32).
+VARIANT_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
 _OV_DTYPES = {"f32": "float32", "f16": "float16", "u8": "uint8", "i8": "int8", "i32": "int32", "i64": "int64", "boolean": "bool"}
 
 
@@ -30,8 +35,11 @@ class OvOptions:
     device: str = "CPU"
     hint: str = "LATENCY"  # LATENCY: one request fast; THROUGHPUT: many requests in parallel streams
     num_threads: int = 0  # 0: OpenVINO's default
+    precision: str = "f32"  # INFERENCE_PRECISION_HINT: never left to the CPU plugin's default
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"OpenVINO inference precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.hint not in HINTS:
             raise InputError(f"OpenVINO performance hint must be one of {', '.join(HINTS)}, got {self.hint!r}")
         if self.num_threads < 0:
@@ -49,7 +57,7 @@ class OvEngine:
     def __init__(self, model: str | os.PathLike[str] | tuple[bytes, bytes], options: OvOptions = OvOptions()) -> None:
         """`model`: an IR .xml path, or (xml bytes, weights bytes) to load from memory only."""
         ov = _ov()
-        config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint}
+        config: dict[str, Any] = {"PERFORMANCE_HINT": options.hint, "INFERENCE_PRECISION_HINT": options.precision}
         if options.num_threads:
             config["INFERENCE_NUM_THREADS"] = options.num_threads
         core = ov.Core()
@@ -89,6 +97,15 @@ class OvEngine:
     @property
     def metadata(self) -> dict[str, str]:
         return {}
+
+    @property
+    def precision(self) -> str:
+        """The float precision the compiled model actually runs at, as OpenVINO reports it (f32, bf16, f16)."""
+        try:
+            value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        except Exception:  # a plugin without the property computes in f32
+            return "f32"
+        return str(value.get_type_name() if hasattr(value, "get_type_name") else value).lower()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self._inputs, feeds)
