@@ -267,6 +267,23 @@ def test_verify_passes_then_names_what_drifted(with_variants: tuple[Path, list],
     assert tampered.returncode == 1 and "variant 'onnx-fp16'" in tampered.stderr and "Traceback" not in tampered.stderr
 
 
+def test_verify_names_a_precision_change_and_lost_cpu_features() -> None:
+    from cvdeploy.bundle.manifest import ParityReport
+    from cvdeploy.evaluate.verify import differences
+
+    parity = ParityReport(reference="x", tolerance_scores=5e-2, passed=True, outputs={}, engine_precision="bf16")
+    bf16 = Variant(file="f", precision="bf16", engine="openvino", sha256="0", size_bytes=1, parity=parity)
+    assert differences(bf16, "bf16", ["avx512_bf16"], ["avx512_bf16"]) == []
+    (d,) = differences(bf16, "f32", ["avx2"], ["avx512_bf16"])  # a bf16 build verified on a CPU without bf16
+    assert d == "precision change: the engine runs this variant at f32 here, at bf16 when it was verified at build"
+    w8 = Variant(file="f", precision="int8", sha256="0", size_bytes=1, quantization={"recipe": "u8s8-w8", "reduce_range": False})
+    (d,) = differences(w8, "as stored", ["avx2", "fma"], ["avx2", "avx512_vnni"])
+    assert "built on a CPU with avx512_vnni" in d and "can saturate int16" in d and "u8s8-w7" in d
+    w7 = w8.model_copy(update={"quantization": {"recipe": "u8s8-w7", "reduce_range": True}})
+    assert "saturate" not in differences(w7, "as stored", ["avx2"], ["avx512_vnni"])[0]
+    assert differences(w8, "as stored", ["avx512_vnni"], ["avx512_vnni"]) == []
+
+
 def test_openvino_variants_can_be_tuned_and_profiled(with_variants: tuple[Path, list], tmp_path: Path) -> None:
     import numpy as np
 
@@ -286,7 +303,7 @@ def test_openvino_variants_can_be_tuned_and_profiled(with_variants: tuple[Path, 
     bundle.manifest.runtime = [hint_from(result, "openvino-int8", batch=1, concurrency=1, cpu="test")]
     bundle.save_manifest()
     with Predictor(copy, "openvino-int8") as p:
-        assert p.engine.options == result.best.options  # the Predictor applies the OpenVINO hint
+        assert p.engine.options == result.chosen.options  # the Predictor applies the OpenVINO hint
     prof = profile_openvino(xml, {"images": x}, runs=2, warmup=1, trace_out=tmp_path / "ov.json")
     assert prof.nodes and sum(n.share for n in prof.nodes) == pytest.approx(1.0) and (tmp_path / "ov.json").is_file()
 

@@ -184,11 +184,16 @@ def test_bench_tune_stores_the_winner(demo_bundle: Path, tmp_path: Path) -> None
     shutil.copytree(demo_bundle, b)
     p = run("bench", "tune", b, "--rounds", "1", "--per-round", "1", "--json", tmp_path / "tune.json")
     assert p.returncode == 0, p.stderr
-    assert "best:" in p.stdout and "(default)" in p.stdout
-    hints = json.loads((b / "manifest.json").read_text())["runtime"]
+    assert "chosen:" in p.stdout and "(default)" in p.stdout
+    manifest = json.loads((b / "manifest.json").read_text())
+    hints = manifest["runtime"]
     assert len(hints) == 1 and hints[0]["variant"] == "onnx-fp32"
-    assert json.loads((tmp_path / "tune.json").read_text())["hint"] == hints[0]
+    doc = json.loads((tmp_path / "tune.json").read_text())
+    assert doc["hint"] == hints[0] and hints[0]["tuned_ms"] == doc["confirmed_ms"]  # the confirmation's figure is stored
+    (record,) = manifest["latencies"]  # every variant re-timed on this machine, for the Predictor's choice
+    assert record["how"] == "bench tune" and set(record["variants"]) == {"onnx-fp32"} and "the Predictor now chooses" in p.stdout
     assert "tuned engine settings for onnx-fp32" in run("info", b).stdout
     dry = run("bench", "tune", demo_bundle, "--rounds", "1", "--per-round", "1", "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert json.loads((demo_bundle / "manifest.json").read_text())["runtime"] == []  # --dry-run writes nothing
+    untouched = json.loads((demo_bundle / "manifest.json").read_text())
+    assert untouched["runtime"] == [] and untouched["latencies"] == []  # --dry-run writes nothing

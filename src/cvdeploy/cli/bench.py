@@ -291,8 +291,11 @@ def tune_cmd(
     images: Path | None = typer.Option(None, help="Directory of images to feed (default: generated JPEGs)."),
     save: bool = typer.Option(True, "--save/--dry-run", help="Store the winner in the bundle (or only print it)."),
     as_json: Path | None = typer.Option(None, "--json", help="Write every trial to this JSON file."),
+    variants: bool = typer.Option(True, "--variants/--no-variants", help="Also time every verified variant here, "
+                                  "interleaved, and store the figures: the Predictor picks the fastest verified variant from them."),
 ) -> None:
-    """Search ONNX Runtime threads, execution mode and graph optimization for the fastest setting here."""
+    """Search engine threads, execution mode and graph optimization for the fastest setting here; confirm it against the
+    default in fresh rounds; re-measure every variant's latency on this machine."""
     from cvdeploy.bench.tune import describe, hint_from, tune
     from cvdeploy.bundle.environment import cpu_info
     from cvdeploy.predict import Predictor
@@ -308,7 +311,8 @@ def tune_cmd(
     predictor.close()
     with console.status("tuning") as status:
         result = tune(path, tensor, concurrency=concurrency, rounds=rounds, per_round=per_round,
-                      on_step=lambda s: status.update(f"tuning · {s}"), engine_kind=kind)
+                      on_step=lambda s: status.update(f"tuning · {s}"), engine_kind=kind,
+                      precision=predictor.bundle.manifest.variants[name].precision)
     table = Table(title=f"{predictor.bundle.name} · {name} · batch {batch} · concurrency {concurrency}", title_style="bold")
     for col in ("#", "settings", "median ms / request", "vs default"):
         table.add_column(col, justify="left" if col == "settings" else "right")
@@ -317,19 +321,42 @@ def tune_cmd(
         table.add_row(str(k), describe(t.options) + ("  (default)" if t is result.default else ""), f"{t.median_ms:.2f}",
                       f"{result.default.median_ms / t.median_ms:.2f}x")
     console.print(table)
-    console.print(f"best: [bold]{describe(result.best.options)}[/], {result.best.median_ms:.2f} ms against "
-                  f"{result.default.median_ms:.2f} ms with the engine's defaults ({result.speedup:.2f}x), "
-                  f"{len(result.trials)} candidates", highlight=False)
+    if result.chosen is result.best and result.best is not result.default:
+        console.print(f"chosen: [bold]{describe(result.chosen.options)}[/], confirmed in fresh interleaved rounds: "
+                      f"{result.confirmed_ms:.2f} ms against {result.confirmed_default_ms:.2f} ms with the engine's defaults "
+                      f"({result.speedup:.2f}x); {len(result.trials)} candidates searched", highlight=False)
+    else:
+        console.print(f"chosen: [bold]the engine's defaults[/] ({result.confirmed_default_ms:.2f} ms): "
+                      + ("they were the fastest of the search" if result.best is result.default else
+                         f"the search's fastest ({describe(result.best.options)}) was not faster in fresh rounds "
+                         f"({result.confirmed_ms:.2f} ms)"), highlight=False)
     hint = hint_from(result, name, batch=batch, concurrency=concurrency, cpu=str(cpu_info().get("model", "")))
+    b = predictor.bundle
     if save:
-        b = predictor.bundle
         b.manifest.runtime = [h for h in b.manifest.runtime if h.variant != name] + [hint]
         b.save_manifest()
         console.print(f"stored in {b.root / 'manifest.json'}: the Predictor and the server now use it for {name}")
+    if variants and b.root is not None:
+        from cvdeploy.bench.latency import measure_here, store_record
+        from cvdeploy.predict import variant_choice
+
+        with console.status("timing every verified variant here, interleaved"):
+            record = measure_here(b, how="bench tune")
+        base = record.variants.get(b.manifest.default_variant)
+        console.print("variants here (batch 1, interleaved): " + ", ".join(
+            f"{n} {ms:.2f} ms" + (f" ({base / ms:.2f}x)" if base and n != b.manifest.default_variant else "")
+            for n, ms in record.variants.items()), highlight=False)
+        if save:
+            store_record(b.manifest, record)
+            b.save_manifest()
+            console.print(f"the Predictor now chooses {variant_choice(b).name}: {variant_choice(b).reason}", highlight=False)
     if as_json is not None:
         as_json.parent.mkdir(parents=True, exist_ok=True)
         as_json.write_text(json.dumps({"hint": hint.model_dump(mode="json"), "trials": [t.to_dict() for t in result.trials],
-                                       "default": result.default.to_dict(), "speedup": round(result.speedup, 3)}, indent=2))
+                                       "default": result.default.to_dict(), "chosen": result.chosen.to_dict(),
+                                       "confirmed_ms": round(result.confirmed_ms, 3),
+                                       "confirmed_default_ms": round(result.confirmed_default_ms, 3),
+                                       "speedup": round(result.speedup, 3)}, indent=2))
 
 
 @bench_app.command("sweep")

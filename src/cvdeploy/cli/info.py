@@ -58,7 +58,10 @@ def info(
 
 
 def variants_table(m: Any) -> Table:
-    """One row per variant: size, accuracy on the controlled set, latency, parity with the source."""
+    """One row per variant: engine (and the precision it ran at when verified), size, accuracy on the controlled set,
+    latency, parity with the source."""
+    from cvdeploy.report.html import ran_at
+
     table = Table(title="variants")
     for col in ("variant", "engine", "size", "mAP50-95", "drop pts", "ms b1", "vs fp32", "max |Δ| scores", "sha256", "default"):
         table.add_column(col, justify="left" if col in ("variant", "engine", "sha256") else "right")
@@ -72,7 +75,7 @@ def variants_table(m: Any) -> Table:
         def fmt(key: str, spec: str, mt: dict = mt) -> str:
             return format(mt[key], spec) if key in mt else "-"
 
-        table.add_row(name, v.engine, _size(v.size_bytes), fmt("map50_95", ".4f"), fmt("map50_95_drop_points", ".2f"),
+        table.add_row(name, v.engine if ran_at(v) == "-" else f"{v.engine} ({ran_at(v)})", _size(v.size_bytes), fmt("map50_95", ".4f"), fmt("map50_95_drop_points", ".2f"),
                       fmt("latency_ms_b1", ".2f"), fmt("speedup_vs_fp32", ".2f") + ("x" if "speedup_vs_fp32" in mt else ""),
                       parity, v.sha256[:12], "*" if name == m.default_variant else "")
     return table

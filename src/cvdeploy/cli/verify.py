@@ -45,6 +45,10 @@ def verify(
     console.print(table)
     if as_json is not None:
         as_json.write_text(json.dumps([c.to_dict() for c in checks], indent=2))
+    for c in checks:
+        if c.ok:
+            for d in c.differences:
+                console.print(f"{c.name}: note: {d}", highlight=False)
     bad = [c for c in checks if not c.ok]
     for c in bad:
         for p in c.problems:

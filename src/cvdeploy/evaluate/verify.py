@@ -8,7 +8,7 @@ controlled dataset, re-measures each variant's mAP against the figure recorded a
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,10 @@ class VariantCheck:
     box_agreement: float
     map50_95: float | None = None
     recorded_map50_95: float | None = None
+    engine_precision: str | None = None  # what the engine reported here
+    recorded_engine_precision: str | None = None  # what it reported when the variant was verified at build
     problems: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)  # what differs from the build machine and can move results
 
     @property
     def ok(self) -> bool:
@@ -36,7 +39,29 @@ class VariantCheck:
         return {"variant": self.name, "provider": self.provider, "ok": self.ok, "problems": self.problems,
                 "max_abs_scores": self.max_abs_scores, "recorded_max_abs_scores": self.recorded_max_abs_scores,
                 "tolerance": self.tolerance, "box_agreement": self.box_agreement,
-                "map50_95": self.map50_95, "recorded_map50_95": self.recorded_map50_95}
+                "map50_95": self.map50_95, "recorded_map50_95": self.recorded_map50_95,
+                "engine_precision": self.engine_precision, "recorded_engine_precision": self.recorded_engine_precision,
+                "differences": self.differences}
+
+
+def differences(variant: Any, engine_precision: str | None, here_flags: Sequence[str], build_flags: Sequence[str]) -> list[str]:
+    """What differs between the build machine and this one that can change `variant`'s results, most likely first."""
+    from cvdeploy.bundle.environment import VNNI_FLAGS
+
+    out = []
+    recorded = variant.parity.engine_precision if variant.parity is not None else None
+    if recorded is not None and engine_precision is not None and recorded != engine_precision:
+        out.append(f"precision change: the engine runs this variant at {engine_precision} here, at {recorded} when it was "
+                   "verified at build")
+    if variant.precision == "int8" and variant.engine == "onnxruntime":
+        lost = sorted(set(build_flags) & VNNI_FLAGS - set(here_flags))
+        q = variant.quantization or {}
+        if lost and not q.get("reduce_range", True):
+            out.append(f"INT8 kernels: built on a CPU with {', '.join(lost)}; without VNNI the {q.get('recipe', '8-bit weight')} "
+                       "recipe's u8*s8 pair sums can saturate int16 (rebuild here: the u8s8-w7 recipe cannot)")
+        elif lost:
+            out.append(f"INT8 kernels: built on a CPU with {', '.join(lost)}, which this one lacks: other kernels, other speed")
+    return out
 
 
 def verify_bundle(
@@ -53,10 +78,14 @@ def verify_bundle(
     `map_tolerance` is in mAP50-95 points: a variant whose mAP is that much below its recorded
     figure has drifted.
     """
+    from cvdeploy.bundle.environment import cpu_info
     from cvdeploy.runtime.onnxruntime import resolve_providers
 
     step = on_step or (lambda _v, _s: None)
     bundle = Bundle.load(path)  # schema and every sha256
+    here_flags = list(cpu_info().get("flags", []))  # type: ignore[call-overload]
+    build_cpu = bundle.manifest.environment.get("cpu", {})
+    build_flags = list(build_cpu.get("flags", [])) if isinstance(build_cpu, dict) else []
     provider = resolve_providers(list(providers) if providers else None)[0]
     checks = []
     for name, v in bundle.manifest.variants.items():
@@ -72,7 +101,10 @@ def verify_bundle(
         recorded = None
         if v.parity is not None:
             recorded = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values())
-        check = VariantCheck(name, provider, worst, recorded, report.tolerance_scores, agreement)
+        check = VariantCheck(name, provider, worst, recorded, report.tolerance_scores, agreement,
+                             engine_precision=report.engine_precision,
+                             recorded_engine_precision=v.parity.engine_precision if v.parity is not None else None)
+        check.differences = differences(v, report.engine_precision, here_flags, build_flags)
         if problem:
             check.problems.append(f"golden parity on {provider}: {problem}")
         if data is not None:
@@ -88,6 +120,8 @@ def verify_bundle(
                 if drift > map_tolerance:
                     check.problems.append(f"mAP50-95 {check.map50_95:.4f} is {drift:.2f} points below the "
                                           f"{check.recorded_map50_95:.4f} recorded at build time (tolerance {map_tolerance:g})")
+        if check.problems and check.differences:  # name the likely cause with the symptom
+            check.problems = [f"{p} (likely cause: {check.differences[0]})" for p in check.problems]
         checks.append(check)
     return checks
 
