@@ -164,6 +164,7 @@ def build_bundle(
                                          device="cpu", batch=1, verbose=False))
         except Exception as e:
             raise CvdeployError(f"Ultralytics could not export {src.name} to ONNX: {e}") from e
+        _reproducible(onnx_file, (getattr(yolo, "ckpt", None) or {}).get("date"))
 
         step("golden inputs")
         pre = PreprocessSpec(imgsz=(size, size), stride=stride)
@@ -245,6 +246,27 @@ def build_bundle(
             shutil.rmtree(stage, ignore_errors=True)
             raise
     return Bundle.load(dest)
+
+
+def _reproducible(onnx_file: Path, source_date: object) -> None:
+    """Make the export byte-identical for the same .pt, imgsz and versions, so that a rebuild can be checked against a
+    published sha256. Two things vary from run to run: Ultralytics stamps the export time into the metadata (the source
+    checkpoint's own date replaces it), and onnxslim's symbolic shape inference leaves a different set of shape
+    annotations in each process (they are dropped and inferred again by ONNX's deterministic shape inference)."""
+    import onnx
+
+    model = onnx.load(str(onnx_file))
+    del model.graph.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    props = [(p.key, p.value) for p in model.metadata_props]
+    del model.metadata_props[:]
+    for key, value in props:
+        if key == "date":
+            if not source_date:
+                continue  # no stable date to give: leave it out
+            value = str(source_date)
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(onnx_file))
 
 
 def _version() -> str:
