@@ -278,11 +278,14 @@ def test_byte_limit(tmp_path: Path) -> None:
 
 
 def test_format_allow_list() -> None:
-    gif = encode(Image.new("RGB", (4, 4)), "GIF")
+    ico = encode(Image.new("RGB", (4, 4)), "ICO")
     with pytest.raises(ImageDecodeError) as caught:
-        load_image(gif)
+        load_image(ico)
     message = str(caught.value)
-    assert "GIF" in message and "BMP, JPEG, PNG, TIFF, WEBP" in message
+    assert "ICO" in message and "BMP, GIF, JPEG, PNG, TIFF, WEBP" in message
+    gif = encode(Image.new("RGB", (4, 4)), "GIF")
+    with pytest.raises(ImageDecodeError, match=r"GIF is not allowed \(allowed: JPEG, PNG\)"):
+        load_image(gif, limits=DecodeLimits(formats=frozenset({"png", "jpeg"})))
 
     jpeg = encode(Image.new("RGB", (4, 4)), "JPEG")
     with pytest.raises(ImageDecodeError, match=r"JPEG is not allowed \(allowed: PNG\)"):
@@ -445,7 +448,7 @@ def test_pil_float_image_is_refused() -> None:
 
 
 def test_image_format_sniffs_headers() -> None:
-    for fmt in sorted(SUPPORTED_FORMATS | {"GIF"}):
+    for fmt in sorted(SUPPORTED_FORMATS):
         params: dict[str, object] = {"lossless": True} if fmt == "WEBP" else {}
         assert image_format(encode(Image.new("RGB", (2, 2)), fmt, **params)) == fmt
     assert image_format(b"") is None
@@ -462,7 +465,7 @@ def test_image_format_sniffs_headers() -> None:
         {"max_bytes": 0},
         {"formats": frozenset()},
         {"formats": "PNG"},
-        {"formats": frozenset({"GIF"})},
+        {"formats": frozenset({"ICO"})},
     ],
 )
 def test_decode_limits_validation(kwargs: dict[str, object]) -> None:
@@ -472,3 +475,31 @@ def test_decode_limits_validation(kwargs: dict[str, object]) -> None:
 
 def test_decode_limits_normalises_format_names() -> None:
     assert DecodeLimits(formats=frozenset({"png", "Jpeg"})).formats == {"PNG", "JPEG"}
+
+
+def _pages(mode: str, colours: list) -> list[Image.Image]:
+    return [Image.new(mode, (30, 20), c) for c in colours]
+
+
+def test_a_multi_page_tiff_decodes_its_first_page_as_opencv_does() -> None:
+    for mode, colours in (("RGB", [(200, 10, 0), (0, 255, 0), (0, 0, 255)]), ("L", [60, 120, 180])):
+        pages = _pages(mode, colours)
+        buf = io.BytesIO()
+        pages[0].save(buf, "TIFF", save_all=True, append_images=pages[1:])
+        got = load_image(buf.getvalue())
+        first = colours[0] if mode == "RGB" else (colours[0],) * 3
+        assert_bgr(got, 20, 30)
+        assert got[0, 0].tolist() == list(first[::-1])  # the first page, BGR; not stacked pages
+        assert np.array_equal(got, cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR))
+
+
+def test_an_animated_gif_decodes_its_first_frame_as_opencv_does() -> None:
+    frames = [im.convert("P") for im in _pages("RGB", [(255, 0, 0), (0, 255, 0), (0, 0, 255)])]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    got = load_image(buf.getvalue())
+    assert_bgr(got, 20, 30)
+    assert got[0, 0].tolist() == [0, 0, 255]  # red, the first frame, in BGR
+    assert np.array_equal(got, cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR))
+    still = encode(Image.new("P", (5, 4), 3), "GIF")  # a palette GIF without animation
+    assert_bgr(load_image(still), 4, 5)

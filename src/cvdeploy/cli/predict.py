@@ -16,7 +16,7 @@ from cvdeploy.predict import Predictor
 from cvdeploy.vision.draw import draw
 from cvdeploy.vision.image import load_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 def collect_images(inputs: list[Path]) -> list[Path]:

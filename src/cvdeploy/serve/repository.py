@@ -32,7 +32,7 @@ class ServeSettings:
     request_timeout_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000
-    allowed_formats: tuple[str, ...] = ("jpeg", "png", "bmp", "webp", "tiff")
+    allowed_formats: tuple[str, ...] = ("jpeg", "png", "bmp", "webp", "tiff", "gif")
     warmup_runs: int = 2
     audit: Any = None  # a cvdeploy.security.audit.AuditLog, or None
     audit_sample: float = 1.0  # share of inference requests recorded (privileged actions always are)

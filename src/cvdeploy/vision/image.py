@@ -27,7 +27,8 @@ __all__ = [
 ImageSource: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview | np.ndarray | Image.Image
 
 DEFAULT_MAX_PIXELS = 50_000_000  # guard against decompression bombs
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "WEBP", "TIFF"})
+# Multi-page TIFFs and animated GIFs decode to their first page or frame, as cv2.imdecode (and Ultralytics) read them.
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF"})
 
 _ORIENTATION_TAG = int(ExifTags.Base.Orientation)
 
