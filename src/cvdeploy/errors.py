@@ -6,6 +6,7 @@
     ├── BundleError               a bundle that is incomplete, tampered with or of an unknown schema
     ├── ModelFormatError          a model file cvdeploy cannot read
     ├── EngineError               the inference engine failed to load or run a model
+    ├── ServerBusyError           the server cannot take this request now (retry later: 503)
     └── MissingDependencyError    an optional extra is needed for this action
 """
 
@@ -34,6 +35,10 @@ class ModelFormatError(CvdeployError):
 
 class EngineError(CvdeployError):
     """The inference engine failed to load or run the model."""
+
+
+class ServerBusyError(CvdeployError):
+    """The server is at a limit (bytes in flight, queue): the request was not started; retry later."""
 
 
 class MissingDependencyError(CvdeployError, ImportError):

@@ -33,7 +33,7 @@ def start_server(sources: list[str], repository: str | None = None, *, tls: dict
 
     repo = build_repository(sources, repository, ServeSettings(**settings))
     port = free_port()
-    config = uvicorn_config(create_app(repo), "127.0.0.1", port, log_level="warning", **(tls or {}))
+    config = uvicorn_config(create_app(repo), "127.0.0.1", port, log_level="warning", settings=repo.settings, **(tls or {}))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

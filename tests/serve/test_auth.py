@@ -40,7 +40,9 @@ def secured(demo_bundle: Path, server_factory, tmp_path_factory: pytest.TempPath
     revoked_id, revoked = store.create("gone", "admin")
     store.revoke(revoked_id)
     audit = AuditLog(d / "audit.db", b"a" * 32)
-    policy = AuthPolicy(store, JwtConfig(SECRET, ("HS256",), "cvdeploy", "issuer-1"), rate_per_s=1000, burst=1000)
+    # These tests send many bad credentials from one address on purpose: the failed-authentication throttle is
+    # opened wide here and tested on its own server (test_hardening.py).
+    policy = AuthPolicy(store, JwtConfig(SECRET, ("HS256",), "cvdeploy", "issuer-1"), rate_per_s=1000, burst=1000, fail_burst=1000)
     server = server_factory([str(demo_bundle)], auth=policy, audit=audit, client_verify=None)
     return server, keys, totp_secrets, revoked, d, policy
 

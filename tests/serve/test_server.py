@@ -242,7 +242,7 @@ def test_audit_log_records_inference_and_lifecycle(demo_bundle: Path, server_fac
         "SELECT action, outcome, resource, request_id, input_sha256, client FROM entries ORDER BY seq").fetchall()
     assert rows[0][:2] == ("infer", "success") and rows[0][3] == "req-1" and rows[0][4] == hashlib.sha256(blob).hexdigest()
     assert rows[0][2].startswith(f"{MODEL}@1#") and rows[0][5] == "127.0.0.1"
-    assert rows[1][:2] == ("infer", "failure") and rows[2][:2] == ("load_model", "success")
+    assert rows[1][:2] == ("infer", "client_error") and rows[2][:2] == ("load_model", "success")
     assert verify(tmp_path / "audit.db", key).ok
 
 

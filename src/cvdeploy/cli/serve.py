@@ -26,6 +26,13 @@ def serve(
     timeout: float = typer.Option(30.0, min=0.1, help="Per-request timeout in seconds (504 past it)."),
     max_body_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 past it)."),
     max_megapixels: float = typer.Option(40.0, min=0.01, help="Largest decoded image (decompression-bomb guard)."),
+    header_timeout: float = typer.Option(10.0, min=0.1, help="Seconds a request's headers may take to arrive; the connection "
+                                         "is closed past it (slow-header clients)."),
+    body_timeout: float = typer.Option(60.0, min=0.1, help="Seconds a request's body may take to arrive (408 past it)."),
+    keep_alive_timeout: float = typer.Option(5.0, min=0.1, help="Seconds an idle keep-alive connection is kept open."),
+    max_connections: int = typer.Option(1000, min=1, help="Open connections at most; new ones beyond are closed at once."),
+    max_inflight_mb: float = typer.Option(512.0, min=1.0, help="Request memory held at once (bodies weighted by what they "
+                                          "become: JSON x12, binary x3); beyond, 503 with Retry-After."),
     log_level: str = typer.Option("info", help="uvicorn log level; access logs are JSON lines on stderr."),
     tls_cert: Path | None = typer.Option(None, help="Server certificate (PEM): serve HTTPS only, TLS 1.2 or newer."),
     tls_key: Path | None = typer.Option(None, help="The certificate's private key (PEM)."),
@@ -33,12 +40,17 @@ def serve(
     audit_log: Path | None = typer.Option(None, help="Record inference access and model lifecycle in this tamper-evident log (SQLite)."),
     audit_key_file: Path | None = typer.Option(None, help="The audit log's key (32 bytes; see `cvdeploy security model-key`)."),
     audit_sample: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of inference requests recorded."),
+    audit_anchors: Path | None = typer.Option(None, help="Append a signed anchor of the audit log to this file (kept apart from "
+                                              "the log) at start, every --audit-anchor-every seconds and at shutdown."),
+    audit_anchor_every: float = typer.Option(60.0, min=1.0, help="Seconds between audit anchors."),
     auth_keys: Path | None = typer.Option(None, help="Require authentication: the API key store (`cvdeploy security keys`)."),
     jwt_secret_file: Path | None = typer.Option(None, help="Also accept JWTs signed with this HMAC secret (or PEM public key)."),
     jwt_algorithm: str = typer.Option("HS256", help="The one JWT algorithm accepted (HS256, RS256, ES256, ...)."),
     jwt_audience: str = typer.Option("cvdeploy", help="Required JWT audience."),
     jwt_issuer: str | None = typer.Option(None, help="Required JWT issuer."),
     auth_policy: Path | None = typer.Option(None, help="JSON policy: roles, mfa_required, rate_per_s, burst, trusted_proxies."),
+    key_file: Path | None = typer.Option(None, help="The model key of protected bundles (else $CVDEPLOY_MODEL_KEY_FILE, "
+                                         "$CVDEPLOY_MODEL_KEY or $CVDEPLOY_MODEL_KEY_COMMAND)."),
 ) -> None:
     """Serve bundles over HTTP: Open Inference Protocol v2 (Triton clients work), an image API and /metrics."""
     try:
@@ -50,7 +62,9 @@ def serve(
         raise fail(f"serving needs {e.name}: install it with `pip install 'cvdeploy[serve]'`") from None
     settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, instances=instances, threads=threads,
                              request_timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                             max_pixels=int(max_megapixels * 1e6), audit_sample=audit_sample)
+                             max_pixels=int(max_megapixels * 1e6), audit_sample=audit_sample, header_timeout_s=header_timeout,
+                             body_timeout_s=body_timeout, keep_alive_timeout_s=keep_alive_timeout, max_connections=max_connections,
+                             max_inflight_bytes=int(max_inflight_mb * 1024 * 1024))
     if audit_log is not None:
         from cvdeploy.security.audit import AuditLog
         from cvdeploy.security.protect import load_key
@@ -58,6 +72,10 @@ def serve(
         if audit_key_file is None:
             raise fail("--audit-log needs --audit-key-file (the key that authenticates the log's chain)")
         settings.audit = AuditLog(audit_log, load_key(audit_key_file))
+        settings.audit_anchors = str(audit_anchors) if audit_anchors is not None else None
+        settings.audit_anchor_every_s = audit_anchor_every
+    elif audit_anchors is not None:
+        raise fail("--audit-anchors needs --audit-log")
     if auth_keys is not None or jwt_secret_file is not None or auth_policy is not None:
         from cvdeploy.security.auth import AuthPolicy, JwtConfig, KeyStore
 
@@ -68,7 +86,16 @@ def serve(
                 raise fail(f"--jwt-secret-file: {jwt_secret_file} not found")
             jwt_cfg = JwtConfig(jwt_secret_file.read_bytes().strip(), (jwt_algorithm,), jwt_audience, jwt_issuer)
         settings.auth = AuthPolicy.from_file(auth_policy, store, jwt_cfg) if auth_policy else AuthPolicy(store, jwt_cfg)
+    if key_file is not None:
+        import os
+
+        from cvdeploy.security.protect import KEY_FILE_ENV
+
+        if not key_file.is_file():
+            raise fail(f"--key-file: {key_file} not found")
+        os.environ[KEY_FILE_ENV] = str(key_file)  # where every Predictor of this process reads a protected bundle's key
     repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
+    repo.preflight()  # a wrong or missing key, a tampered bundle: one line now, not a failed start
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger("cvdeploy.access")
@@ -77,7 +104,7 @@ def serve(
     access.propagate = False
     config = uvicorn_config(create_app(repo), host, port, tls_cert=str(tls_cert) if tls_cert else None,
                             tls_key=str(tls_key) if tls_key else None, tls_client_ca=str(tls_client_ca) if tls_client_ca else None,
-                            log_level=log_level)
+                            log_level=log_level, settings=settings)
     scheme = "https" if tls_cert else "http"
     console.print(f"serving {', '.join(sorted(repo._sources))} on {scheme}://{host}:{port}"
                   f"{' with mutual TLS' if tls_client_ca else ''} (models load and warm up before ready)")

@@ -27,7 +27,14 @@ def _ort() -> Any:
         import onnxruntime
     except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
         raise MissingDependencyError("onnxruntime", "all", "running an ONNX model") from e
+    global _telemetry_off
+    if not _telemetry_off:  # models and their use stay on this machine (a no-op where the build has no telemetry)
+        onnxruntime.disable_telemetry_events()
+        _telemetry_off = True
     return onnxruntime
+
+
+_telemetry_off = False
 
 
 def available_providers() -> list[str]:

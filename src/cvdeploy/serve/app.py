@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from cvdeploy import __version__
-from cvdeploy.errors import CvdeployError, ImageDecodeError, InputError
+from cvdeploy.errors import CvdeployError, ImageDecodeError, InputError, ServerBusyError
 from cvdeploy.serve.batcher import QueueFull
 from cvdeploy.serve.metrics import ServerMetrics
-from cvdeploy.serve.protocol import HEADER, decompress, encode_response, parse_request
+from cvdeploy.serve.protocol import HEADER, OutputNotRepresentable, decompress, encode_response, load_json, parse_request
 from cvdeploy.serve.repository import LoadedModel, Repository, ServeSettings
 
 log = logging.getLogger("cvdeploy.access")
@@ -41,6 +42,15 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+def http_status(e: CvdeployError) -> int:
+    """The one place a cvdeploy error becomes an HTTP status."""
+    if isinstance(e, ServerBusyError):
+        return 503
+    if isinstance(e, OutputNotRepresentable):
+        return 422
+    return 400
+
+
 def _model(repo: Repository, name: str, version: str | None) -> LoadedModel:
     try:
         return repo.get(name, version)
@@ -48,17 +58,34 @@ def _model(repo: Repository, name: str, version: str | None) -> LoadedModel:
         raise ApiError(404, str(e.args[0])) from None
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` (declared or streamed)."""
+class ClientAbort(Exception):
+    """The client disconnected before its request was read: logged as a client abort (499), not as a server error."""
+
+
+async def _body(request: Request, limit: int, *, timeout: float | None = None, budget: Any = None, lease: Any = None) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` (declared or streamed), with 408 when it does not
+    arrive within `timeout` seconds (a slow-body client holds a connection and memory), and with 503 when `budget`
+    (the server's bytes in flight) cannot admit it; what it admits is charged to `lease`, released with the request."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes is larger than the limit ({limit} bytes)")
+    weight = budget.weight(request.headers.get("content-type")) if budget is not None else 1
+    if budget is not None and declared is not None and declared.isdigit():
+        budget.admit(lease, int(declared) * weight)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is larger than the limit ({limit} bytes)")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is larger than the limit ({limit} bytes)")
+                if budget is not None and (declared is None or not declared.isdigit()):
+                    budget.admit(lease, len(chunk) * weight)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
+    except ClientDisconnect:
+        raise ClientAbort() from None
     return b"".join(chunks)
 
 
@@ -182,42 +209,70 @@ def _audit(repo: Repository, request: Request, action: str, outcome: str, resour
                 input_sha256=hashlib.sha256(body).hexdigest() if body is not None else None, details=details)
 
 
-def _check_access(repo: Repository, request: Request) -> Response | None:
-    """Authentication, rate limits and RBAC (when the server has an auth policy); a response when refused."""
+def _deny(repo: Repository, request: Request, action: str, outcome: str, resource: str, details: str) -> None:
+    """A refusal, audited through the aggregator when there is one (a flood of denials must not flood the log)."""
+    agg = repo.denials
+    if agg is None:
+        _audit(repo, request, action, outcome, resource, details=details)
+        return
+    agg.record(action, getattr(request.state, "client", None), details, outcome=outcome, resource=resource,
+               request_id=getattr(request.state, "request_id", None))
+
+
+async def _check_access(repo: Repository, request: Request) -> Response | None:
+    """Authentication, rate limits and RBAC (when the server has an auth policy); a response when refused.
+
+    Order matters for denial of service: the address's rate limit comes first; an unknown key id costs a database
+    lookup, never a hash; a key already verified (or a JWT) needs no hash; a secret that does need argon2 is hashed
+    only when neither its address nor its key id has too many failed authentications, on the policy's small worker
+    pool, never on the event loop. So guessing is throttled while a legitimate client behind the same address whose
+    key is already verified keeps being served.
+    """
     policy = repo.settings.auth
     if policy is None:
         return None
-    from cvdeploy.security.auth import AuthError, route_permission
+    from cvdeploy.security.auth import AuthError, PendingKey, route_permission
 
     peer = request.client.host if request.client else None
     client = policy.client_address(peer, request.headers.get("x-forwarded-for"))
     request.state.client = client
     permission = route_permission(request.method, request.url.path)
     wait = policy.rate_ok(f"addr:{client}")
+    key_id = None
     try:
         if wait:
-            raise AuthError(429, "too many requests from this address", "rate limited (address)")
+            raise AuthError(429, "too many requests from this address", "rate limited (address)", retry_after=wait)
         try:
-            principal = policy.authenticate({k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
+            token = policy.credentials({k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
+            key_id = policy.key_id_of(token)
+            found = policy.identify(token)  # no hashing: a key already verified, or a JWT, is settled here
+            if isinstance(found, PendingKey):  # argon2 ahead: only for an address and key id not guessing
+                if (wait := policy.failures_wait(client, key_id)) > 0:
+                    raise AuthError(429, "too many failed authentications; retry later", "failed authentications throttled",
+                                    retry_after=wait)
+                found = await policy.verify_async(found)
+            principal = found
         except AuthError as e:
-            _audit(repo, request, "authenticate", "failure", request.url.path, details=e.detail)
+            if e.status in (401, 403) and e.detail != "no credentials":  # a guess was made: it counts against the next hash
+                policy.record_failure(client, key_id)
+            _deny(repo, request, "authenticate", "failure", request.url.path, e.detail)
             raise
         request.state.principal = principal
         _audit(repo, request, "authenticate", "success", request.url.path, details=principal.key_id)
         wait = policy.rate_ok(f"principal:{principal.name}")
         if wait:
-            raise AuthError(429, "too many requests for this principal", "rate limited (principal)")
+            raise AuthError(429, "too many requests for this principal", "rate limited (principal)", retry_after=wait)
         try:
             policy.authorize(principal, permission, request.headers.get("x-totp"))
         except AuthError as e:
-            _audit(repo, request, "authorize", "denied", f"{request.method} {request.url.path}", details=e.detail)
+            _deny(repo, request, "authorize", "denied", f"{request.method} {request.url.path}", e.detail)
             raise
         if permission in policy.mfa_required:
             _audit(repo, request, "authorize", "success", f"{request.method} {request.url.path}", details="step-up TOTP")
     except AuthError as e:
-        headers = {"Retry-After": str(max(1, int(wait + 0.999)))} if e.status == 429 else {}
-        if e.status == 429:
-            _audit(repo, request, "rate_limit", "denied", request.url.path, details=e.detail)
+        headers = {"Retry-After": str(max(1, int((e.retry_after or 1) + 0.999)))} if e.status in (429, 503) else {}
+        if e.status == 429 and e.detail.startswith("rate limited"):
+            _deny(repo, request, "rate_limit", "denied", request.url.path, e.detail)
         if e.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="cvdeploy"'
         return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
@@ -250,20 +305,26 @@ class _AccessMiddleware:
             await send(message)
 
         metrics = self.repo.metrics
-        metrics.in_flight.inc()
+        scraped = scope["path"] == "/metrics"  # the scrape does not count itself in flight
+        if not scraped:
+            metrics.in_flight.inc()
         try:
-            denied = _check_access(self.repo, request)
+            denied = await _check_access(self.repo, request)
             if denied is not None:
                 await denied(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except ClientAbort:  # the client went away mid-request: nothing to answer, nothing broken on our side
+            status = 499
         except Exception:  # an unexpected failure: log it, answer 500 without internals
             logging.getLogger("cvdeploy.serve").exception("unhandled error on %s %s", request.method, request.url.path)
             status = 500
             if not started:
                 await JSONResponse({"error": "internal server error"}, status_code=500)(scope, receive, send_with_id)
         finally:
-            metrics.in_flight.dec()
+            if not scraped:
+                metrics.in_flight.dec()
+            metrics.responses.labels(f"{status // 100}xx" if status != 499 else "client_abort").inc()
             if log.isEnabledFor(logging.INFO):
                 log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": request.method,
                                      "path": request.url.path, "status": status, "ms": round((time.perf_counter() - t0) * 1000, 2),
@@ -284,6 +345,14 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         workers = min(32, (os.cpu_count() or 1) + 4)
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cvdeploy-work", initializer=os_thread_namer("cvd-work")))
+        anchors = None
+        if repo.settings.audit is not None:
+            from cvdeploy.security.audit import AnchorWriter, DenialAggregator
+
+            repo.denials = DenialAggregator(repo.settings.audit)  # a flood of refusals makes a few entries, not thousands
+            if repo.settings.audit_anchors is not None:  # signed checkpoints kept apart: truncation or a wipe shows
+                anchors = AnchorWriter(repo.settings.audit, repo.settings.audit_anchors, every_s=repo.settings.audit_anchor_every_s)
+                anchors.start()
         if load_all:
             for name in sorted(repo._sources):
                 await repo.load(name)  # loaded and warmed before the first request is accepted
@@ -291,6 +360,10 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         yield
         app.state.ready = False
         await repo.close()  # graceful: drain what was accepted
+        if repo.denials is not None:
+            repo.denials.flush()
+        if anchors is not None:
+            anchors.stop()
 
     app = FastAPI(title="cvdeploy", version=__version__, lifespan=lifespan,
                   description="Open Inference Protocol v2 (KServe, Triton-compatible) and an image API for YOLO bundles.")
@@ -302,7 +375,14 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
 
     @app.exception_handler(CvdeployError)
     async def _user_error(_: Request, e: CvdeployError) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=400)
+        status = http_status(e)
+        return JSONResponse({"error": str(e)}, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # 404, 405: the same shape as every error
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(OverflowError)
     async def _too_big(_: Request, e: OverflowError) -> JSONResponse:
@@ -355,14 +435,21 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
     @asynccontextmanager
     async def _inference(m: LoadedModel, request: Request, route: str):
         """Hold the model version for the request (it is not stopped under it), then count, time and audit it."""
-        record = SimpleNamespace(body=None)
+        record = SimpleNamespace(body=None, lease=repo.budget.lease())
         t0 = time.perf_counter()
         outcome = "failure"
         with m:
             try:
                 yield record
                 outcome = "success"
+            except (CvdeployError, ApiError) as e:
+                outcome = "client_error" if (e.status if isinstance(e, ApiError) else http_status(e)) < 500 else "rejected"
+                raise
+            except ClientAbort:
+                outcome = "client_abort"
+                raise
             finally:
+                repo.budget.release(record.lease)
                 metrics.requests.labels(m.name, m.version, outcome).inc()
                 metrics.request_duration.labels(m.name, m.version, route).observe(time.perf_counter() - t0)
                 _audit(repo, request, "infer", outcome, f"{m.name}@{m.version}#{m.bundle.manifest.source.sha256[:12]}", record.body)
@@ -376,7 +463,10 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         async with _inference(m, request, "v2") as record:
             limit = repo.settings.max_body_bytes
             with m.batcher.expect(1):  # a batch forming meanwhile may wait for this one
-                body = record.body = decompress(await _body(request, limit), request.headers.get("content-encoding"), limit)
+                raw = await _body(request, limit, timeout=repo.settings.body_timeout_s, budget=repo.budget, lease=record.lease)
+                body = record.body = decompress(raw, request.headers.get("content-encoding"), limit)
+                if len(body) > len(raw):  # inflated: charge what it became
+                    repo.budget.admit(record.lease, (len(body) - len(raw)) * repo.budget.weight(request.headers.get("content-type")))
                 req = parse_request(body, request.headers.get(HEADER))
             outputs = await _infer_tensors(m, req)
             payload, head_len = encode_response(m.name, m.version, req.id, outputs, req.outputs, req.binary_output)
@@ -424,7 +514,8 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             options = _options(m, q["conf"], q["iou"], q["max_det"], q["classes"])
             annotate = q["annotate"]
             with m.batcher.expect(1):
-                body = record.body = await _body(request, repo.settings.max_body_bytes)
+                body = record.body = await _body(request, repo.settings.max_body_bytes, timeout=repo.settings.body_timeout_s,
+                                                 budget=repo.budget, lease=record.lease)
                 blob = await _image_from(request, body)
             (result,) = await _detect_images(repo, m, [blob], options, annotate)
         # Plain JSON types already: answered as is, without FastAPI's per-value encoder walk.
@@ -477,12 +568,12 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
     @app.post("/admin/keys")
     async def create_key(request: Request) -> dict:
         store = key_store()
-        try:
-            doc = json.loads(await _body(request, 64 * 1024))
-            principal, role = str(doc["principal"]), str(doc["role"])
-            ttl = float(doc.get("ttl_days", 90))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
-            raise ApiError(400, 'expected JSON {"principal": ..., "role": ..., "ttl_days": 90}') from None
+        doc = load_json(await _body(request, 64 * 1024, timeout=repo.settings.body_timeout_s), "the body")
+        ttl = doc.get("ttl_days", 90) if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or not isinstance(doc.get("principal"), str) or not isinstance(doc.get("role"), str) \
+                or isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise ApiError(400, 'expected JSON {"principal": "...", "role": "...", "ttl_days": 90}')
+        principal, role = doc["principal"], doc["role"]
         key_id, key = store.create(principal, role, ttl_days=ttl)
         _audit(repo, request, "create_key", "success", f"{key_id} {principal} {role}")
         return {"key_id": key_id, "key": key, "principal": principal, "role": role, "note": "shown once"}
@@ -573,12 +664,14 @@ async def _image_from(request: Request, body: bytes) -> bytes:
             raise InputError("the multipart body has no file part (send the image as a file field, e.g. 'image')")
         return await files[0].read()
     if ctype == "application/json":
+        doc = load_json(body, "the JSON body")
+        data = doc.get("image") if isinstance(doc, dict) else None
+        if not isinstance(data, str):
+            raise InputError('a JSON body must be {"image": "<base64>"}')
         try:
-            doc = json.loads(body)
-            data = doc["image"]
             return base64.b64decode(data, validate=True)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise InputError(f"a JSON body must be {{\"image\": \"<base64>\"}}: {e}") from None
+        except ValueError as e:
+            raise InputError(f'a JSON body must be {{"image": "<base64>"}}: {e}') from None
     if not body:
         raise ImageDecodeError("empty body: send image bytes, a multipart file or JSON {\"image\": base64}")
     return body
@@ -596,10 +689,14 @@ def build_repository(sources: list[str], repository_dir: str | None, settings: S
 
 
 def uvicorn_config(app: FastAPI, host: str, port: int, *, tls_cert: str | None = None, tls_key: str | None = None,
-                   tls_client_ca: str | None = None, log_level: str = "info") -> Any:
-    """A loaded uvicorn Config; with TLS, its SSL context is cvdeploy's hardened one (TLS 1.2+, AEAD, optional mTLS)."""
+                   tls_client_ca: str | None = None, log_level: str = "info", settings: ServeSettings | None = None) -> Any:
+    """A loaded uvicorn Config; with TLS, its SSL context is cvdeploy's hardened one (TLS 1.2+, AEAD, optional mTLS).
+    The HTTP protocol drops slow-header clients and connections past the cap (`settings`, default ServeSettings())."""
     import uvicorn
 
+    from cvdeploy.serve.limits import guarded_protocol
+
+    s = settings or ServeSettings()
     if (tls_cert is None) != (tls_key is None):
         raise InputError("TLS needs both --tls-cert and --tls-key")
     if tls_client_ca is not None and tls_cert is None:
@@ -610,7 +707,9 @@ def uvicorn_config(app: FastAPI, host: str, port: int, *, tls_cert: str | None =
 
         context = server_context(tls_cert, tls_key, tls_client_ca)  # type: ignore[arg-type]
         kw = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30, **kw)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,
+                            http=guarded_protocol(s.header_timeout_s, s.max_connections),
+                            timeout_keep_alive=s.keep_alive_timeout_s, **kw)  # type: ignore[arg-type]
     config.load()
     if tls_cert is not None:
         config.ssl = context  # replaces uvicorn's default context

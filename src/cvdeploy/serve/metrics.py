@@ -19,6 +19,8 @@ class ServerMetrics:
                                (*labels, "stage"), buckets=BUCKETS, registry=r)
         self.request_duration = Histogram("cvdeploy_request_duration_seconds", "End-to-end request time", (*labels, "route"),
                                           buckets=BUCKETS, registry=r)
-        self.in_flight = Gauge("cvdeploy_requests_in_flight", "Requests being handled", registry=r)
+        self.in_flight = Gauge("cvdeploy_requests_in_flight", "Requests being handled (the metrics scrape not counted)", registry=r)
+        self.responses = Counter("cvdeploy_http_responses_total", "HTTP responses by status class (2xx, 4xx, 5xx) and client aborts",
+                                 ("status_class",), registry=r)
         self.queue_depth = Gauge("cvdeploy_queue_depth", "Requests waiting in a model's batch queue", labels, registry=r)
         self.model_state = Gauge("cvdeploy_model_ready", "1 when the model version is loaded and warmed up", labels, registry=r)

@@ -15,11 +15,38 @@ import numpy as np
 
 from cvdeploy.errors import InputError
 
+
+class OutputNotRepresentable(InputError):
+    """The request was valid, but its answer cannot be written in the asked form (422)."""
+
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
           "FP32": np.float32, "FP64": np.float64}
 NP_TO_V2 = {np.dtype(v).name: k for k, v in DTYPES.items()}
 HEADER = "inference-header-content-length"
+MAX_DIMS = 8
+MAX_ELEMENTS = 1 << 28  # per tensor: 1 GiB of FP32
+
+
+def load_json(data: bytes | str, what: str = "the request") -> Any:
+    """`json.loads` for untrusted bodies: every way it can fail (bad syntax, bad UTF-8, nesting deep enough to exhaust
+    the stack, an integer literal past Python's digit limit) is a client error, never a 500."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise InputError(f"{what} is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError; so is the int digit limit
+        raise InputError(f"{what} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+
+
+def _element_count(name: Any, shape: list[int]) -> int:
+    """The element count in Python integers (numpy's int64 product wraps around silently) within the limits."""
+    count = 1
+    for d in shape:
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise InputError(f"input {name!r}: shape {shape} is too large (at most {MAX_ELEMENTS} elements)")
+    return count
 
 
 @dataclass
@@ -75,10 +102,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    try:
-        doc = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"the request is not valid JSON: {e}") from None
+    doc = load_json(head)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InputError("the request needs an 'inputs' list with at least one tensor")
     inputs: dict[str, np.ndarray] = {}
@@ -91,13 +115,17 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(name, str) or not isinstance(dt, str) or not isinstance(shape, list) or \
                 not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise InputError(f"input {name!r}: needs a string name, a datatype and a shape of non-negative integers")
-        if len(shape) > 8 or int(np.prod(shape, dtype=np.int64)) > 1 << 28:
-            raise InputError(f"input {name!r}: shape {shape} is too large")
-        params = t.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
-        count = int(np.prod(shape, dtype=np.int64))
+        if len(shape) > MAX_DIMS:
+            raise InputError(f"input {name!r}: shape {shape} has more than {MAX_DIMS} dimensions")
+        count = _element_count(name, shape)
+        params = t.get("parameters")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise InputError(f"input {name!r}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InputError(f"input {name!r}: binary_data_size {size} runs past the binary data")
             raw = binary[offset : offset + size]
             offset += size
@@ -120,19 +148,21 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             if data is None:
                 raise InputError(f"input {name!r}: no 'data' and no binary_data_size")
             if dt == "BYTES":
-                flat = list(_flatten(data))
+                flat = _flatten(data, count + 1)
                 if len(flat) != count:
                     raise InputError(f"input {name!r}: {len(flat)} elements for shape {shape}")
+                if not all(isinstance(x, str) for x in flat):
+                    raise InputError(f"input {name!r}: BYTES data in JSON must be strings (base64 images go in binary form)")
                 arr = np.empty(count, dtype=object)
-                arr[:] = [x.encode() if isinstance(x, str) else x for x in flat]
+                arr[:] = [x.encode() for x in flat]
                 arr = arr.reshape(shape)
             else:
                 if dt not in DTYPES:
                     raise InputError(f"input {name!r}: unknown datatype {dt!r}")
                 try:
                     arr = np.asarray(data, dtype=DTYPES[dt])
-                except (TypeError, ValueError) as e:
-                    raise InputError(f"input {name!r}: data is not {dt}: {e}") from None
+                except (TypeError, ValueError, OverflowError, RecursionError) as e:
+                    raise InputError(f"input {name!r}: data is not {dt}: {str(e)[:200]}") from None
                 if arr.size != count:
                     raise InputError(f"input {name!r}: {arr.size} values for shape {shape}")
                 arr = arr.reshape(shape)
@@ -144,6 +174,8 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     outs = doc.get("outputs") or []
     if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
         raise InputError("'outputs' must be a list of objects with a name")
+    if not all(isinstance(o.get("parameters") or {}, dict) for o in outs):
+        raise InputError("'outputs[].parameters' must be an object")
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InputError("'parameters' must be an object")
@@ -151,12 +183,22 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
                         bool(params.get("binary_data_output", False)), params)
 
 
-def _flatten(x: Any) -> Any:
-    if isinstance(x, list):
-        for y in x:
-            yield from _flatten(y)
-    else:
-        yield x
+def _flatten(x: Any, limit: int) -> list[Any]:
+    """Nested lists flattened without recursion (a deep nesting must not exhaust the stack); stops past `limit`."""
+    out: list[Any] = []
+    stack = [iter([x])]
+    while stack and len(out) < limit:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            stack.append(iter(item))
+        else:
+            out.append(item)
+    return out
+
+
+_END = object()
 
 
 def encode_response(model: str, version: str, req_id: str | None, outputs: dict[str, np.ndarray],
@@ -190,7 +232,12 @@ def encode_response(model: str, version: str, req_id: str | None, outputs: dict[
     doc = {"model_name": model, "model_version": version, "outputs": items}
     if req_id is not None:
         doc["id"] = req_id
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    try:
+        head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # NaN and inf have no JSON form: a bare NaN token would break every client's parser
+        raise OutputNotRepresentable("the model's output holds NaN or inf for these inputs, which JSON cannot carry: send inputs "
+                                     "in the model's range (0..1 for images), or ask for binary output "
+                                     "(parameters.binary_data_output)") from None
     if chunks:
         return head + b"".join(chunks), len(head)
     return head, None

@@ -33,9 +33,17 @@ class ServeSettings:
     max_body_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000
     allowed_formats: tuple[str, ...] = ("jpeg", "png", "bmp", "webp", "tiff", "gif")
+    # Slow and idle clients, and memory (cvdeploy.serve.limits): each a `cvdeploy serve` flag.
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (from its first byte, or the connection)
+    body_timeout_s: float = 60.0  # and its body within this (408 past it)
+    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 1000  # connections beyond are closed at once
+    max_inflight_bytes: int = 512 * 1024 * 1024  # weighted request bytes held at once (503 + Retry-After beyond)
     warmup_runs: int = 2
     audit: Any = None  # a cvdeploy.security.audit.AuditLog, or None
     audit_sample: float = 1.0  # share of inference requests recorded (privileged actions always are)
+    audit_anchors: str | None = None  # a file apart from the log that receives signed anchors (cvdeploy.security.audit)
+    audit_anchor_every_s: float = 60.0
     auth: Any = None  # a cvdeploy.security.auth.AuthPolicy, or None (no authentication: keep the server on loopback)
 
 
@@ -77,6 +85,10 @@ class Repository:
         self._sources: dict[str, Path] = {}  # model name -> its repository folder or bundle path
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
+        from cvdeploy.serve.limits import ByteBudget
+
+        self.budget = ByteBudget(settings.max_inflight_bytes)
+        self.denials: Any = None  # a DenialAggregator over settings.audit, when there is an audit log
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -130,6 +142,30 @@ class Repository:
         if not names:
             raise InputError(f"model repository {r} holds no model (<model>/<version>/manifest.json)")
         return names
+
+    def bundle_paths(self) -> list[Path]:
+        """Every bundle the repository would load (each version of each model)."""
+        out: list[Path] = []
+        for src in self._sources.values():
+            versions = _discover_versions(src)
+            out += [src / v for v in versions] if versions else [src]
+        return out
+
+    def preflight(self) -> None:
+        """What would fail the server's start, said in one line before it starts: every bundle loads (hashes, and the
+        signature when a public key is configured), and a protected bundle's key decrypts it."""
+        for path in self.bundle_paths():
+            b = self._load_bundle(path)
+            encrypted = [n for n, v in b.manifest.variants.items() if v.encryption]
+            if encrypted:
+                from cvdeploy.security.protect import load_key, variant_bytes
+
+                variant_bytes(b, encrypted[0], load_key())  # a wrong key fails AES-GCM's tag here
+
+    def _load_bundle(self, path: Path) -> Any:
+        from cvdeploy.bundle.bundle import Bundle
+
+        return Bundle.load(path)
 
     async def load(self, name: str) -> list[str]:
         """(Re)load every version of `name`; the old versions keep serving until the new ones are warm."""
