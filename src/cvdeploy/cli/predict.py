@@ -82,6 +82,8 @@ def predict(
     classes: str | None = typer.Option(None, help="Only these class ids, comma-separated, e.g. 0,2."),
     save: Path | None = typer.Option(None, help="Write annotated images to this directory."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON (one list) instead of a table."),
+    key_file: Path | None = typer.Option(None, "--key-file", help="The model key of a protected bundle (else "
+                                         "$CVDEPLOY_MODEL_KEY_FILE, $CVDEPLOY_MODEL_KEY or $CVDEPLOY_MODEL_KEY_COMMAND)."),
 ) -> None:
     """Detect objects in images; print a table (or JSON) and optionally save annotated images."""
     class_ids = None
@@ -90,8 +92,14 @@ def predict(
             class_ids = [int(c) for c in classes.split(",") if c.strip()]
         except ValueError:
             raise fail(f"--classes takes comma-separated integers, got {classes!r}") from None
+    model_key = None
+    if key_file is not None:
+        from cvdeploy.security.protect import load_key
+
+        model_key = load_key(key_file)  # read before any image, so that a bad key file is the first thing reported
     files = collect_images(images)
-    predictor = Predictor(model, variant, conf=conf, iou=iou, max_det=max_det, classes=class_ids)
+    # Without --key-file the Predictor looks for the key in the environment, and only if the bundle is protected.
+    predictor = Predictor(model, variant, conf=conf, iou=iou, max_det=max_det, classes=class_ids, model_key=model_key)
     if save:
         save.mkdir(parents=True, exist_ok=True)
     out, rows, failed, used = [], [], 0, set()
