@@ -390,3 +390,16 @@ def test_the_aggregator_is_thread_safe(tmp_path: Path) -> None:
     log.close()
     r = rows(tmp_path / "audit.db")
     assert len(r) == 2 and r[1][4].startswith("999 more")
+
+
+def test_the_aggregator_writes_a_burst_of_denials_with_their_details_before_counting(tmp_path: Path) -> None:
+    from cvdeploy.security.audit import DenialAggregator
+
+    log = AuditLog(tmp_path / "a.db", KEY)
+    now = [0.0]
+    agg = DenialAggregator(log, interval_s=10.0, burst=3, clock=lambda: now[0])
+    written = [agg.record("authenticate", "10.0.0.1", f"unknown key id {i}", outcome="failure") for i in range(10)]
+    assert [w is not None for w in written] == [True] * 3 + [False] * 7
+    assert agg.flush() == 1
+    details = [r["details"] for r in log.tail(10)]
+    assert details[:3] == ["unknown key id 0", "unknown key id 1", "unknown key id 2"] and details[3].startswith("7 more authenticate")

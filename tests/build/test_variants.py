@@ -255,6 +255,9 @@ def test_verify_passes_then_names_what_drifted(with_variants: tuple[Path, list],
 
     m = json.loads((copy / "manifest.json").read_text())  # the int8 figure recorded at build is now 5 points better
     m["variants"]["onnx-int8"]["metrics"]["map50_95"] += 0.05
+    from cvdeploy.bundle.bundle import manifest_content_hash
+
+    m["content_sha256"] = manifest_content_hash(m)  # edited with the hash recomputed: what a tool that knows the format does
     (copy / "manifest.json").write_text(json.dumps(m))
     drifted = verify("--data", str(controlled))
     assert drifted.returncode == 1 and "DRIFTED" in drifted.stdout

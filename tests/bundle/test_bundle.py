@@ -1,4 +1,4 @@
-"""Bundle loading refuses anything incomplete or tampered with, and names the file."""
+"""Bundle loading refuses anything incomplete or tampered with (the manifest itself included), and names the file."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cvdeploy.bundle import SCHEMA_VERSION, Bundle
+from cvdeploy.bundle.bundle import manifest_content_hash
 from cvdeploy.errors import BundleError, InputError, ModelFormatError
 
 
@@ -21,6 +22,12 @@ def bundle_copy(demo_bundle: Path, tmp_path: Path) -> Path:
 
 def _manifest(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())
+
+
+def _rewrite(root: Path, m: dict) -> None:
+    """Write a changed manifest with a matching content hash, as a tool (not a hand edit) would: the later checks run."""
+    m["content_sha256"] = manifest_content_hash(m)
+    (root / "manifest.json").write_text(json.dumps(m))
 
 
 def test_load_checks_and_describes_the_bundle(demo_bundle: Path) -> None:
@@ -73,12 +80,12 @@ def test_missing_or_broken_manifest(bundle_copy: Path, tmp_path: Path) -> None:
 def test_unknown_schema_and_invalid_fields(bundle_copy: Path) -> None:
     m = _manifest(bundle_copy)
     m["schema_version"] = SCHEMA_VERSION + 1
-    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    _rewrite(bundle_copy, m)
     with pytest.raises(BundleError, match="schema_version"):
         Bundle.load(bundle_copy)
     m["schema_version"] = SCHEMA_VERSION
     m["postprocess"]["conf"] = 7
-    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    _rewrite(bundle_copy, m)
     with pytest.raises(BundleError, match=r"postprocess\.conf"):
         Bundle.load(bundle_copy)
 
@@ -86,7 +93,7 @@ def test_unknown_schema_and_invalid_fields(bundle_copy: Path) -> None:
 def test_default_variant_must_be_one_of_the_variants(bundle_copy: Path) -> None:
     m = _manifest(bundle_copy)
     m["default_variant"] = "onnx-int8"
-    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    _rewrite(bundle_copy, m)
     with pytest.raises(BundleError, match="default_variant 'onnx-int8' is not one of the variants"):
         Bundle.load(bundle_copy)
 
@@ -94,7 +101,7 @@ def test_default_variant_must_be_one_of_the_variants(bundle_copy: Path) -> None:
 def test_manifest_cannot_point_outside_the_bundle(bundle_copy: Path) -> None:
     m = _manifest(bundle_copy)
     m["variants"]["onnx-fp32"]["file"] = "../../etc/passwd"
-    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    _rewrite(bundle_copy, m)
     with pytest.raises(BundleError, match="outside the bundle"):
         Bundle.load(bundle_copy)
 
@@ -126,3 +133,80 @@ def test_golden_cases_round_trip(demo_bundle: Path) -> None:
     for c in cases:
         (out,) = c.outputs.values()
         assert out.shape[0] == c.input.shape[0] and out.shape[1] == 4 + 6
+
+
+# -- the manifest's own content hash ---------------------------------------------------------------
+
+
+@pytest.fixture
+def hashed_copy(bundle_copy: Path) -> Path:
+    """The copy with its manifest written by cvdeploy (save_manifest), so it carries a content hash."""
+    Bundle.load(bundle_copy).save_manifest()
+    assert _manifest(bundle_copy)["content_sha256"] == manifest_content_hash(_manifest(bundle_copy))
+    return bundle_copy
+
+
+def _swap_channels(m: dict) -> None:
+    m["preprocess"]["channel_order"] = "BGR"
+
+
+def _rename_class(m: dict) -> None:
+    m["names"]["0"] = "stop-sign"
+
+
+def _lower_conf(m: dict) -> None:
+    m["postprocess"]["conf"] = 0.01
+
+
+def _shrink_imgsz(m: dict) -> None:
+    m["preprocess"]["imgsz"] = [128, 128]
+
+
+@pytest.mark.parametrize("edit", [_rename_class, _swap_channels, _lower_conf, _shrink_imgsz], ids=lambda f: f.__name__[1:])
+def test_hand_edited_manifest_is_refused(hashed_copy: Path, edit) -> None:
+    m = _manifest(hashed_copy)
+    edit(m)
+    (hashed_copy / "manifest.json").write_text(json.dumps(m, indent=2))  # the old content hash kept, as a hand edit does
+    with pytest.raises(BundleError, match=r"manifest\.json of bundle .* was edited after it was written \(its content hash "
+                                          r"does not match\): rebuild it or restore it"):
+        Bundle.load(hashed_copy)
+    with pytest.raises(BundleError, match="was edited"):
+        Bundle.load(hashed_copy, check_hashes=False)  # skipping the file hashes does not skip the manifest's own
+
+
+def test_save_manifest_rehashes_and_the_bundle_stays_loadable(hashed_copy: Path) -> None:
+    b = Bundle.load(hashed_copy)
+    b.manifest.postprocess.conf = 0.4
+    b.save_manifest()
+    again = Bundle.load(hashed_copy)
+    assert again.manifest.postprocess.conf == 0.4
+    assert again.manifest.content_sha256 == b.manifest.content_sha256 == manifest_content_hash(_manifest(hashed_copy))
+    m = _manifest(hashed_copy)  # the hash is of the content, not the layout: key order and whitespace do not matter
+    (hashed_copy / "manifest.json").write_text(json.dumps(m, sort_keys=True))
+    Bundle.load(hashed_copy)
+
+
+def test_manifest_written_before_the_hash_still_loads(hashed_copy: Path) -> None:
+    m = _manifest(hashed_copy)
+    del m["content_sha256"]
+    m["postprocess"]["conf"] = 0.3
+    (hashed_copy / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.load(hashed_copy).manifest.postprocess.conf == 0.3
+
+
+def test_invalid_content_hash_and_duplicate_keys_are_refused(hashed_copy: Path) -> None:
+    m = _manifest(hashed_copy)
+    m["content_sha256"] = 12
+    (hashed_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="was edited"):
+        Bundle.load(hashed_copy)
+    text = json.dumps({**m, "content_sha256": None})  # no hash: only the duplicate key is wrong
+    # A key given twice: readers disagree on which value counts, so the hash could not say what was checked.
+    (hashed_copy / "manifest.json").write_text(text[:-1] + ', "name": "other"}')
+    with pytest.raises(BundleError, match=r"not valid JSON \(key 'name' appears twice"):
+        Bundle.load(hashed_copy)
+
+
+def test_a_fresh_build_records_its_content_hash(demo_bundle: Path) -> None:
+    m = _manifest(demo_bundle)
+    assert m.get("content_sha256") == manifest_content_hash(m)

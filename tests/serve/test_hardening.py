@@ -372,3 +372,30 @@ def test_serve_refuses_a_wrong_or_missing_model_key_in_one_line(demo_bundle: Pat
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
         (line,) = p.stderr.strip().splitlines()
         assert line.startswith("error:") and message in line, line
+
+
+def test_serve_with_a_public_key_serves_signed_bundles_only(demo_bundle: Path, server_factory, tmp_path: Path, jpeg: bytes) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from cvdeploy.bundle.signing import load_public_key
+
+    copy = tmp_path / "signed.cvd"
+    shutil.copytree(demo_bundle, copy)
+    cli = [sys.executable, "-m", "cvdeploy"]
+    assert subprocess.run([*cli, "security", "sign-key", str(tmp_path / "sign.pem")], capture_output=True, timeout=120).returncode == 0
+    pub = tmp_path / "sign.pem.pub"
+    unsigned = subprocess.run([*cli, "serve", str(copy), "--port", "0", "--public-key", str(pub)], capture_output=True, text=True,
+                              timeout=120)
+    assert unsigned.returncode == 1 and "Traceback" not in unsigned.stderr and "sign" in unsigned.stderr.strip().splitlines()[-1]
+    signed = subprocess.run([*cli, "sign", str(copy), "--key", str(tmp_path / "sign.pem")], capture_output=True, text=True, timeout=120)
+    assert signed.returncode == 0, signed.stderr
+    s = server_factory([str(copy)], public_key=load_public_key(pub))
+    assert httpx.post(s.url + PREDICT, content=jpeg, timeout=60).status_code == 200
+    m = json.loads((copy / "manifest.json").read_text())  # tampered after signing: a reload refuses it, the old version serves
+    m["postprocess"]["conf"] = 0.9
+    (copy / "manifest.json").write_text(json.dumps(m))
+    reload = httpx.post(f"{s.url}/v2/repository/models/{MODEL}/load", timeout=60)
+    assert reload.status_code == 400 and "still serves" in reload.json()["error"]
+    assert httpx.post(s.url + PREDICT, content=jpeg, timeout=60).status_code == 200

@@ -5,7 +5,6 @@ This is the one place (with the rest of cvdeploy.build) where torch and ultralyt
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.bundle.bundle import MANIFEST, Bundle, sha256_file, write_golden
+from cvdeploy.bundle.bundle import MANIFEST, Bundle, sha256_file, write_golden, write_manifest
 from cvdeploy.bundle.environment import capture
 from cvdeploy.bundle.manifest import (
     GoldenCase,
@@ -238,7 +237,7 @@ def build_bundle(
                 cvdeploy_version=_version(),
             )
             engine.close()
-            (stage / MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+            write_manifest(stage / MANIFEST, manifest)
             if dest.exists():
                 shutil.rmtree(dest)
             stage.rename(dest)

@@ -1,4 +1,9 @@
-"""Reading bundles: load a NAME.cvd/ directory (checking schema and hashes) or a plain Ultralytics .onnx."""
+"""Reading bundles: load a NAME.cvd/ directory (checking schema and hashes) or a plain Ultralytics .onnx.
+
+The manifest carries a sha256 of its own canonical form (`content_sha256`), written by `write_manifest` (every writer
+goes through it) and checked by `Bundle.load`: a hand edit of names, thresholds or preprocessing is refused like an
+edited model file. The same canonical bytes are what `cvdeploy sign` signs (see `cvdeploy.bundle.signing`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,11 @@ import ast
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -26,7 +32,12 @@ from cvdeploy.bundle.manifest import (
 )
 from cvdeploy.errors import BundleError, InputError, ModelFormatError
 
+if TYPE_CHECKING:
+    from cvdeploy.bundle.signing import PublicKeySource
+
 MANIFEST = "manifest.json"
+SIGNATURE = "signature.json"  # written by `cvdeploy sign`, next to the manifest it signs
+CONTENT_HASH = "content_sha256"  # the manifest field holding the hash of the rest of the manifest
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -35,6 +46,41 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def canonical_manifest_bytes(raw: Mapping[str, Any]) -> bytes:
+    """The manifest as it is hashed and signed: the parsed JSON without `content_sha256`, keys sorted, no whitespace,
+    non-ASCII escaped (Python's `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True)`).
+
+    Computed from the parsed JSON, not from the validated model: a later cvdeploy that adds optional fields (with
+    defaults) must still reproduce the hash of a manifest written before them, and a value pydantic would coerce
+    (a string "0.5" for a float) must not hash like the value it was coerced to.
+    """
+    body = {k: v for k, v in raw.items() if k != CONTENT_HASH}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def manifest_content_hash(raw: Mapping[str, Any]) -> str:
+    """sha256 (hex) of `canonical_manifest_bytes(raw)`: the value `content_sha256` must hold."""
+    return hashlib.sha256(canonical_manifest_bytes(raw)).hexdigest()
+
+
+def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> str:
+    """Write `manifest` to `path` (atomically) with its content hash; set `manifest.content_sha256` and return it.
+
+    Every writer of a manifest.json goes through here, so that `Bundle.load` can tell a manifest cvdeploy wrote from
+    one edited afterwards.
+    """
+    p = Path(path)
+    # Hash exactly what a reader will parse (JSON turns int keys into strings, tuples into lists), not the model.
+    data = json.loads(json.dumps(manifest.model_dump(mode="json", exclude={CONTENT_HASH})))
+    digest = manifest_content_hash(data)
+    data[CONTENT_HASH] = digest
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, p)
+    manifest.content_sha256 = digest
+    return digest
 
 
 @dataclass
@@ -62,16 +108,26 @@ class Bundle:
         self.manifest = manifest
         self.root = root
         self._onnx_path = onnx_path  # set when the bundle stands for a plain .onnx file
+        self.signed_by: str | None = None  # the signer's key fingerprint, when loaded with a public key
+        self.loaded_canonical: bytes | None = None  # the canonical manifest read by `load` (what a signature covers)
 
     # -- loading -------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, check_hashes: bool = True) -> Bundle:
-        """Open a bundle directory or a plain .onnx; refuse anything incomplete or tampered with."""
+    def load(cls, path: str | os.PathLike[str], *, check_hashes: bool = True, public_key: PublicKeySource | None = None) -> Bundle:
+        """Open a bundle directory or a plain .onnx; refuse anything incomplete or tampered with.
+
+        With `public_key` (a PEM file path, PEM bytes or a loaded ed25519 public key) the bundle must carry a valid
+        signature by that key (`cvdeploy sign`), and every file is hashed whatever `check_hashes` says: the signature
+        covers the files only through the sha256 values it signs. Without it, signatures are not required.
+        """
         p = Path(path)
         if not p.exists():
             raise InputError(f"model not found: {p}")
         if p.is_file():
+            if public_key is not None:
+                raise BundleError(f"{p} is a plain model file, which cannot carry a signature, and a public key was given: "
+                                  "build a bundle (`cvdeploy build`) and sign it (`cvdeploy sign`)")
             if p.suffix.lower() == ".onnx":
                 return cls.from_onnx(p)
             raise ModelFormatError(
@@ -82,9 +138,12 @@ class Bundle:
         if not mpath.is_file():
             raise BundleError(f"not a bundle: {p} has no {MANIFEST}")
         try:
-            raw = json.loads(mpath.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw = json.loads(mpath.read_text(), object_pairs_hook=_unique_keys)
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, a duplicate key
             raise BundleError(f"{mpath}: not valid JSON ({e})") from e
+        canonical = canonical_manifest_bytes(raw) if isinstance(raw, dict) else b""
+        if isinstance(raw, dict):
+            _check_content_hash(p, raw, canonical)
         try:
             manifest = Manifest.model_validate(raw)
         except ValidationError as e:
@@ -92,17 +151,26 @@ class Bundle:
             where = ".".join(str(x) for x in first["loc"]) or "(root)"
             raise BundleError(f"{mpath}: invalid manifest at {where}: {first['msg']} ({e.error_count()} error(s))") from e
         bundle = cls(manifest, p)
-        if check_hashes:
+        bundle.loaded_canonical = canonical
+        if public_key is not None:
+            from cvdeploy.bundle.signing import verify_manifest_signature
+
+            bundle.signed_by = verify_manifest_signature(p, canonical, public_key)
+        if check_hashes or public_key is not None:
             bundle.check_files()
         return bundle
 
     def save_manifest(self) -> None:
-        """Write the (changed) manifest back atomically; only a bundle directory has one to write."""
+        """Write the (changed) manifest back atomically, with its new content hash; only a bundle directory has one.
+
+        A signature of the bundle is removed: it signed the old manifest and could only fail now (sign again).
+        """
         if self.root is None:
             raise BundleError(f"{self._onnx_path} is a plain .onnx file, not a bundle: build a bundle to store settings")
-        tmp = self.root / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(self.manifest.model_dump(mode="json"), indent=2) + "\n")
-        os.replace(tmp, self.root / MANIFEST)
+        # Removed before the manifest changes: a crash in between leaves an unsigned bundle, never a stale signature.
+        (self.root / SIGNATURE).unlink(missing_ok=True)
+        self.signed_by, self.loaded_canonical = None, None
+        write_manifest(self.root / MANIFEST, self.manifest)
 
     def runtime_hint(self, variant: str) -> RuntimeHint | None:
         return next((h for h in self.manifest.runtime if h.variant == variant), None)
@@ -188,6 +256,31 @@ class Bundle:
     def __repr__(self) -> str:
         where = self.root or self._onnx_path
         return f"Bundle(name={self.name!r}, task={self.manifest.task!r}, variants={list(self.manifest.variants)}, path={str(where)!r})"
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object with a key given twice is refused: readers disagree on which value wins, and the hash and the
+    signature must cover the one value every reader sees."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
+
+
+def _check_content_hash(root: Path, raw: dict[str, Any], canonical: bytes) -> None:
+    """Refuse a manifest whose content no longer matches the hash it was written with.
+
+    A manifest without the field was written before cvdeploy recorded it and is accepted (signing, not this hash,
+    is what stops someone who rewrites the hash too, or drops it).
+    """
+    claimed = raw.get(CONTENT_HASH)
+    if claimed is None:
+        return
+    if not isinstance(claimed, str) or claimed != hashlib.sha256(canonical).hexdigest():
+        raise BundleError(f"{MANIFEST} of bundle {root} was edited after it was written (its content hash does not match): "
+                          "rebuild it or restore it (give other thresholds to predict as options, e.g. --conf, instead of editing it)")
 
 
 def _literal(text: str) -> dict[str, object]:

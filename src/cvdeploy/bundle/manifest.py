@@ -152,6 +152,9 @@ class Manifest(_Model):
     latencies: list[LatencyRecord] = Field(default_factory=list)  # one per machine the variants were timed on
     created_at: str
     cvdeploy_version: str
+    # sha256 of the canonical manifest without this field (bundle.canonical_manifest_bytes): every writer sets it and
+    # Bundle.load refuses a manifest edited by hand. None: written before the hash existed, still loadable.
+    content_sha256: str | None = None
 
     @field_validator("schema_version")
     @classmethod

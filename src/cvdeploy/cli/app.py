@@ -42,7 +42,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
-    from cvdeploy.cli import audit, bench, build, client, data, demo, info, predict, protect, security, serve, verify  # noqa: F401  (register the commands)
+    from cvdeploy.cli import audit, bench, build, client, data, demo, info, predict, protect, security, serve, sign, verify  # noqa: F401  (register the commands)
 
     debug = os.environ.get("CVDEPLOY_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
     try:

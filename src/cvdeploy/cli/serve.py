@@ -49,6 +49,8 @@ def serve(
     jwt_audience: str = typer.Option("cvdeploy", help="Required JWT audience."),
     jwt_issuer: str | None = typer.Option(None, help="Required JWT issuer."),
     auth_policy: Path | None = typer.Option(None, help="JSON policy: roles, mfa_required, rate_per_s, burst, trusted_proxies."),
+    public_key: Path | None = typer.Option(None, help="Serve only bundles signed with the matching private key "
+                                           "(`cvdeploy sign`); unsigned or wrongly signed bundles are refused, at start and on reload."),
     key_file: Path | None = typer.Option(None, help="The model key of protected bundles (else $CVDEPLOY_MODEL_KEY_FILE, "
                                          "$CVDEPLOY_MODEL_KEY or $CVDEPLOY_MODEL_KEY_COMMAND)."),
 ) -> None:
@@ -86,6 +88,10 @@ def serve(
                 raise fail(f"--jwt-secret-file: {jwt_secret_file} not found")
             jwt_cfg = JwtConfig(jwt_secret_file.read_bytes().strip(), (jwt_algorithm,), jwt_audience, jwt_issuer)
         settings.auth = AuthPolicy.from_file(auth_policy, store, jwt_cfg) if auth_policy else AuthPolicy(store, jwt_cfg)
+    if public_key is not None:
+        from cvdeploy.bundle.signing import load_public_key
+
+        settings.public_key = load_public_key(public_key)
     if key_file is not None:
         import os
 

@@ -19,12 +19,21 @@ def verify(
     provider: str | None = typer.Option(None, help="Execution provider to check with (default: the best present)."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the checks to this JSON file."),
     key_file: Path | None = typer.Option(None, help="The model key of a protected bundle (else $CVDEPLOY_MODEL_KEY_FILE, ...)."),
+    public_key: Path | None = typer.Option(None, "--public-key", help="Require a valid signature by this ed25519 public key "
+                                           "(PEM, from `cvdeploy security sign-key`); see `cvdeploy sign`."),
 ) -> None:
-    """Re-check a bundle: file hashes, every variant's golden parity with this machine's engine, and its mAP."""
+    """Re-check a bundle: its signature (with --public-key), file hashes, every variant's golden parity with this machine's
+    engine, and its mAP."""
     from cvdeploy.evaluate.verify import verify_bundle
 
     if data is not None and not data.is_file():
         raise fail(f"--data: {data} not found")
+    if public_key is not None:
+        from cvdeploy.bundle.bundle import Bundle
+
+        # Before any parity run: an unsigned or re-written bundle is refused whatever its outputs are.
+        signer = Bundle.load(bundle, public_key=public_key).signed_by
+        console.print(f"signature: valid, by key {signer}", highlight=False)
     with console.status("verifying") as status:
         key = None
         if key_file is not None:

@@ -116,6 +116,11 @@ class OrtEngine:
             where = "model bytes" if isinstance(model, bytes) else str(model)
             raise EngineError(f"ONNX Runtime could not load {where}: {str(e).splitlines()[0]}") from e
         self.options = options
+        # ONNX Runtime's CPU arena keeps the memory of its largest run for good; a run whose input has more elements
+        # than this (0: never) asks it to shrink back afterwards (the server sets it: one huge input must not pin
+        # gigabytes; a normal run keeps the arena, which is ~45 % faster than running without one).
+        self.shrink_arena_above = 0
+        self._shrink: Any = None
         self._inputs = [_spec(i) for i in self._session.get_inputs()]
         self._outputs = [_spec(o) for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
@@ -149,8 +154,14 @@ class OrtEngine:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self._inputs, feeds)
+        run_options = None
+        if self.shrink_arena_above and any(a.size > self.shrink_arena_above for a in feeds.values()):
+            if self._shrink is None:
+                self._shrink = _ort().RunOptions()
+                self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            run_options = self._shrink
         try:
-            outs = self._session.run(self._output_names, feeds)
+            outs = self._session.run(self._output_names, feeds, run_options)
         except Exception as e:
             raise EngineError(f"ONNX Runtime failed to run the model: {str(e).splitlines()[0]}") from e
         return dict(zip(self._output_names, outs, strict=True))

@@ -528,24 +528,25 @@ class _Window:
     first_seq: int
     outcome: str
     suppressed: int = 0
+    written: int = 1
 
 
 class DenialAggregator:
     """One entry per (action, client) per interval instead of one per denial: a flood must not flood the log.
 
-    The first denial of a pair in an interval is written at once (so the log shows the flood began, and
-    when); the next ones in the same interval are only counted, and one summary entry ("N more rate_limit
+    The first `burst` denials of a pair in an interval are written at once, each with its details (so the
+    log shows the flood began, when, and a sample of what was tried); the next ones in the same interval are only counted, and one summary entry ("N more rate_limit
     denials for client X in the 10 s after entry S") is written when the interval ends: on the next
     `record` after it ends, on `flush_expired()` (for a periodic timer) or `flush()` (at shutdown: call it
     before closing the log). At most `max_pairs` pairs are tracked; past that, the oldest is summarised
     and dropped, so memory stays bounded whatever the number of addresses. Thread-safe.
     """
 
-    def __init__(self, log: AuditLog, interval_s: float = 10.0, *, max_pairs: int = 10_000,
+    def __init__(self, log: AuditLog, interval_s: float = 10.0, *, max_pairs: int = 10_000, burst: int = 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if not interval_s > 0 or max_pairs < 1:
-            raise InputError("the aggregation interval must be positive and max_pairs at least 1")
-        self.log, self.interval_s, self.max_pairs = log, float(interval_s), max_pairs
+        if not interval_s > 0 or max_pairs < 1 or burst < 1:
+            raise InputError("the aggregation interval must be positive, max_pairs and burst at least 1")
+        self.log, self.interval_s, self.max_pairs, self.burst = log, float(interval_s), max_pairs, burst
         self._clock = clock
         self._lock = threading.Lock()
         # Insertion order is start order (a pair is re-inserted when its new interval starts), so the
@@ -562,9 +563,12 @@ class DenialAggregator:
             now = self._clock()
             self._sweep_locked(now)
             w = self._open.get((action, client))
-            if w is not None:
+            if w is not None and w.written >= self.burst:
                 w.suppressed += 1
                 return None
+            if w is not None:
+                w.written += 1
+                return self.log.append(action, outcome, client=client, details=details, **fields)
             seq = self.log.append(action, outcome, client=client, details=details, **fields)
             self._open[(action, client)] = _Window(now, seq, outcome)
             while len(self._open) > self.max_pairs:

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cvdeploy.errors import BundleError, InputError, MissingDependencyError
+from cvdeploy.errors import BundleError, InputError, MissingDependencyError, ModelFormatError
 from cvdeploy.security import write_private
 
 ALG = "AES-256-GCM"
@@ -111,20 +111,99 @@ def decrypt_bytes(key: bytes, blob: bytes, info: dict[str, str], *, bundle: str,
 
 # -- obfuscation -----------------------------------------------------------------------------------
 
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# Obfuscation must not change what a variant computes: its outputs on the golden inputs, before and after, may differ
+# by float rounding only (the graph is the same computation; ONNX Runtime may fuse it a little differently).
+OBFUSCATION_ATOL = 1e-4
+OBFUSCATION_RTOL = 1e-4
+
+
+def _subgraphs(node: Any) -> list[Any]:
+    """The bodies of If, Loop and Scan nodes (graph-valued attributes)."""
+    from onnx import AttributeProto
+
+    out: list[Any] = []
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _reads(node: Any) -> list[str]:
+    """The tensor names a node reads: its inputs and the outer-scope names its subgraphs read."""
+    names = list(node.input)
+    for sub in _subgraphs(node):
+        for n in sub.node:
+            names.extend(_reads(n))
+    return names
+
+
+def _sort_topologically(graph: Any) -> None:
+    """Reorder the nodes so that each comes after the producers of what it reads, keeping the given order where it holds.
+
+    ONNX Runtime runs nodes in any order, and onnxruntime's fp16 converter appends the Cast nodes it adds at the end of
+    the list; the ONNX checker refuses such a graph and the Identity splicing assumes producers come first (an fp16
+    variant made `protect --obfuscate` fail with "Nodes in a graph must be topologically sorted").
+    """
+    import heapq
+
+    from onnx import NodeProto
+
+    nodes = list(graph.node)
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        deps = {producer[x] for x in _reads(n) if x in producer and producer[x] != i}
+        waiting[i] = len(deps)
+        for j in deps:
+            users[j].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)  # smallest original index first: a sorted graph keeps its order
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        raise ModelFormatError("the ONNX graph has a cycle: it cannot be obfuscated")
+    if order != list(range(len(nodes))):
+        copies = []
+        for i in order:
+            c = NodeProto()
+            c.CopyFrom(nodes[i])
+            copies.append(c)
+        del graph.node[:]
+        graph.node.extend(copies)
+    for n in graph.node:
+        for sub in _subgraphs(n):
+            _sort_topologically(sub)
+
 
 def obfuscate_onnx(data: bytes, seed: int | None = None) -> bytes:
     """Rename every node, initializer and intermediate tensor, strip doc strings and producer, add inert nodes.
 
-    The graph's input and output names stay (clients and the protocol use them); outputs are unchanged.
+    The graph's input and output names stay (clients and the protocol use them); outputs are unchanged. Works on any
+    ONNX variant: fp32, fp16 (whose converter leaves the graph unsorted), INT8 QDQ (Identity nodes are kept away from
+    Quantize/DequantizeLinear, whose pairs ONNX Runtime fuses into integer kernels) and graphs with If/Loop bodies.
     """
+    import random
+
     import onnx
     from onnx import helper
 
     model = onnx.load_from_string(data)
     g = model.graph
+    _sort_topologically(g)
     keep = {i.name for i in g.input} | {o.name for o in g.output}
-    rng = secrets.SystemRandom() if seed is None else __import__("random").Random(seed)
+    rng = secrets.SystemRandom() if seed is None else random.Random(seed)
     names: dict[str, str] = {}
+    node_count = 0
 
     def new(old: str) -> str:
         if old in keep or old == "":
@@ -133,33 +212,100 @@ def obfuscate_onnx(data: bytes, seed: int | None = None) -> bytes:
             names[old] = f"t{len(names):05d}_{rng.randrange(16**6):06x}"
         return names[old]
 
-    for init in g.initializer:
-        init.name = new(init.name)
-        init.doc_string = ""
-    for vi in list(g.value_info):
-        vi.name = new(vi.name)
-    for k, node in enumerate(g.node):
-        node.name = f"n{k:05d}_{rng.randrange(16**6):06x}"
-        node.doc_string = ""
-        node.input[:] = [new(x) for x in node.input]
-        node.output[:] = [new(x) for x in node.output]
-    # Inert nodes: identities spliced on intermediate tensors (values and outputs are unchanged).
+    def node_name() -> str:
+        nonlocal node_count
+        node_count += 1
+        return f"n{node_count - 1:05d}_{rng.randrange(16**6):06x}"
+
+    def rename(graph: Any, main: bool) -> None:
+        # One mapping for the whole model: a subgraph reads outer tensors by name, so they must be renamed alike.
+        for init in graph.initializer:
+            init.name, init.doc_string = new(init.name), ""
+        for sparse in graph.sparse_initializer:
+            sparse.values.name = new(sparse.values.name)
+            sparse.indices.name = new(sparse.indices.name)
+        for vi in graph.value_info:
+            vi.name, vi.doc_string = new(vi.name), ""
+        for vi in (*graph.input, *graph.output):
+            vi.doc_string = ""
+            if not main:  # a subgraph's formal inputs and outputs are its own; the model's stay as clients know them
+                vi.name = new(vi.name)
+        for node in graph.node:
+            node.name, node.doc_string = node_name(), ""
+            node.input[:] = [new(x) for x in node.input]
+            node.output[:] = [new(x) for x in node.output]
+            for sub in _subgraphs(node):
+                rename(sub, main=False)
+                sub.name, sub.doc_string = "body", ""  # the checker wants a name; the original may say what it is
+
+    rename(g, main=True)
+    # Inert nodes: identities spliced on intermediate tensors (values and outputs are unchanged). Not next to a
+    # Quantize/DequantizeLinear: ONNX Runtime recognises QDQ patterns to run integer kernels, and an INT8 variant must
+    # keep computing what it did.
+    consumers: dict[str, set[str]] = {}
+    for node in g.node:
+        for x in _reads(node):
+            consumers.setdefault(x, set()).add(node.op_type)
     spliced = 0
     for k in range(len(g.node) - 1, -1, -1):
         node = g.node[k]
-        if spliced >= 8 or not node.output or node.output[0] in keep or k % 9:
+        if spliced >= 8 or k % 9 or not node.output or node.output[0] in keep or node.output[0] == "":
             continue
         t = node.output[0]
-        alias = f"t{len(names) + spliced:05d}_{rng.randrange(16**6):06x}"
+        if node.op_type in _QDQ_OPS or consumers.get(t, set()) & _QDQ_OPS:
+            continue
+        alias = new(f"\0alias{spliced}")  # a key no tensor has: a fresh, unique name
         node.output[0] = alias
-        g.node.insert(k + 1, helper.make_node("Identity", [alias], [t], name=f"n{len(g.node):05d}_{rng.randrange(16**6):06x}"))
+        g.node.insert(k + 1, helper.make_node("Identity", [alias], [t], name=node_name()))
         spliced += 1
     g.doc_string = ""
     g.name = "graph"
     model.doc_string = ""
     model.producer_name, model.producer_version, model.domain = "", "", ""
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ModelFormatError(f"obfuscation made an invalid ONNX graph ({str(e).splitlines()[0]}); protect this bundle "
+                               "without --obfuscate") from None
     return model.SerializeToString()
+
+
+def check_obfuscation(bundle: Any, variant: str, original: bytes, obfuscated: bytes) -> float:
+    """Run an ONNX variant before and after obfuscation on the bundle's golden inputs; return the largest difference,
+    or raise BundleError when the outputs differ (in names, shapes, types, or values beyond float rounding)."""
+    import numpy as np
+
+    from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
+
+    options = OrtOptions(providers=("CPUExecutionProvider",))
+    before, after = OrtEngine(original, options), OrtEngine(obfuscated, options)
+    worst, cases = 0.0, 0
+    try:
+        for g in bundle.golden():
+            cases += 1
+            a = before.run({before.inputs[0].name: g.input})
+            b = after.run({after.inputs[0].name: g.input})
+            for name, ref in a.items():
+                got = b.get(name)
+                if got is None or got.shape != ref.shape or got.dtype != ref.dtype:
+                    raise BundleError(f"obfuscating variant {variant!r} changed its output {name!r} (name, shape or type); "
+                                      "protect the bundle without --obfuscate")
+                r, o = ref.astype(np.float64), got.astype(np.float64)
+                if not np.array_equal(np.isfinite(r), np.isfinite(o)):
+                    raise BundleError(f"obfuscating variant {variant!r} made output {name!r} non-finite on golden case "
+                                      f"{g.case.file}; protect the bundle without --obfuscate")
+                diff = np.abs(np.where(np.isfinite(r), r - o, 0.0))
+                if (diff > OBFUSCATION_ATOL + OBFUSCATION_RTOL * np.abs(np.where(np.isfinite(r), r, 0.0))).any():
+                    raise BundleError(f"obfuscating variant {variant!r} changed output {name!r} on golden case {g.case.file} "
+                                      f"by up to {diff.max():.3g}; protect the bundle without --obfuscate")
+                worst = max(worst, float(diff.max(initial=0.0)))
+    finally:
+        before.close()
+        after.close()
+    if cases == 0:
+        raise BundleError(f"bundle {bundle.name!r} has no golden cases to check its obfuscated variants against; protect it "
+                          "without --obfuscate, or rebuild it")
+    return worst
 
 
 # -- bundles ---------------------------------------------------------------------------------------
@@ -167,8 +313,13 @@ def obfuscate_onnx(data: bytes, seed: int | None = None) -> bytes:
 
 def protect_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], key: bytes, *, obfuscate: bool = False,
                    force: bool = False) -> Path:
-    """A copy of the bundle at `src` with every variant file encrypted (and ONNX variants obfuscated first)."""
-    from cvdeploy.bundle.bundle import Bundle, sha256_file
+    """A copy of the bundle at `src` with every variant file encrypted.
+
+    With `obfuscate`, every ONNX variant is obfuscated first and must give the outputs it gave before on the bundle's
+    golden inputs; OpenVINO variants are encrypted only (their manifest entry says `obfuscated: false`). The copy has a
+    new manifest, so a signature of `src` is not carried over: sign the protected bundle (`cvdeploy sign`).
+    """
+    from cvdeploy.bundle.bundle import MANIFEST, SIGNATURE, Bundle, sha256_file, write_manifest
 
     b = Bundle.load(src)
     if b.root is None:
@@ -183,27 +334,34 @@ def protect_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], key
     stage = dest.with_name(f".{dest.name}.tmp")
     if stage.exists():
         shutil.rmtree(stage)
-    shutil.copytree(b.root, stage, ignore=shutil.ignore_patterns("variants", "report.html"))
-    (stage / "variants").mkdir()
-    m = b.manifest.model_copy(deep=True)
-    for name, v in m.variants.items():
-        files = [v.file, *v.companions]
-        new_companions = {}
-        for rel in files:
-            data = (b.root / rel).read_bytes()
-            if obfuscate and rel.endswith(".onnx"):
-                data = obfuscate_onnx(data)
-            blob, info = encrypt_bytes(key, data, bundle=m.name, variant=name, rel=rel)
-            target = stage / (rel + ".enc")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(blob)
-            if rel == v.file:
-                v.file, v.sha256, v.encryption = rel + ".enc", sha256_file(target), {**info, "plain_file": rel, "obfuscated": obfuscate}
-            else:
-                new_companions[rel + ".enc"] = sha256_file(target)
-                v.encryption = {**(v.encryption or {}), f"companion:{rel}": json.dumps(info)}
-        v.companions = new_companions
-    (stage / "manifest.json").write_text(json.dumps(m.model_dump(mode="json"), indent=2) + "\n")
+    try:
+        shutil.copytree(b.root, stage, ignore=shutil.ignore_patterns("variants", "report.html", SIGNATURE))
+        (stage / "variants").mkdir()
+        m = b.manifest.model_copy(deep=True)
+        for name, v in m.variants.items():
+            files = [v.file, *v.companions]
+            new_companions = {}
+            for rel in files:
+                data = (b.root / rel).read_bytes()
+                obfuscated = obfuscate and v.format == "onnx" and rel == v.file
+                record: dict[str, Any] = {"obfuscated": obfuscated}
+                if obfuscated:
+                    plain, data = data, obfuscate_onnx(data)
+                    record["obfuscation_max_abs_diff"] = check_obfuscation(b, name, plain, data)
+                blob, info = encrypt_bytes(key, data, bundle=m.name, variant=name, rel=rel)
+                target = stage / (rel + ".enc")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(blob)
+                if rel == v.file:
+                    v.file, v.sha256, v.encryption = rel + ".enc", sha256_file(target), {**info, "plain_file": rel, **record}
+                else:
+                    new_companions[rel + ".enc"] = sha256_file(target)
+                    v.encryption = {**(v.encryption or {}), f"companion:{rel}": json.dumps(info)}
+            v.companions = new_companions
+        write_manifest(stage / MANIFEST, m)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # nothing half-written is left next to the output
+        raise
     os.replace(stage, dest)
     return dest
 

@@ -349,7 +349,8 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         if repo.settings.audit is not None:
             from cvdeploy.security.audit import AnchorWriter, DenialAggregator
 
-            repo.denials = DenialAggregator(repo.settings.audit)  # a flood of refusals makes a few entries, not thousands
+            # A flood of refusals makes a few entries per client and 10 s (the first 20 with their details), not thousands.
+            repo.denials = DenialAggregator(repo.settings.audit, burst=20)
             if repo.settings.audit_anchors is not None:  # signed checkpoints kept apart: truncation or a wipe shows
                 anchors = AnchorWriter(repo.settings.audit, repo.settings.audit_anchors, every_s=repo.settings.audit_anchor_every_s)
                 anchors.start()
@@ -494,9 +495,10 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             raise InputError(f"input {name!r}: datatype {req.datatypes[name]}, the model takes {V2_TYPES.get(spec.dtype, 'FP32')}")
         if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape, strict=True)):
             raise InputError(f"input {name!r}: shape {list(arr.shape)} does not fit the model's {[-1 if d is None else d for d in spec.shape]}")
-        if arr.shape[0] < 1 or arr.shape[0] > repo.settings.max_batch * 4 or min(arr.shape[2:]) < 32 or max(arr.shape[2:]) > 4096 \
+        side = min(4096, int(max(m.predictor.spec.imgsz) * repo.settings.max_input_scale))  # bounds the engine's memory
+        if arr.shape[0] < 1 or arr.shape[0] > repo.settings.max_batch * 4 or min(arr.shape[2:]) < 32 or max(arr.shape[2:]) > side \
                 or arr.shape[2] % m.predictor.spec.stride or arr.shape[3] % m.predictor.spec.stride:
-            raise InputError(f"input {name!r}: shape {list(arr.shape)}: batch 1..{repo.settings.max_batch * 4}, sides 32..4096 "
+            raise InputError(f"input {name!r}: shape {list(arr.shape)}: batch 1..{repo.settings.max_batch * 4}, sides 32..{side} "
                              f"and multiples of {m.predictor.spec.stride}")
         tensor = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(tensor).all():

@@ -68,8 +68,13 @@ class DynamicBatcher:
         max_queue: int = 256,
         instances: int | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        max_batch_elements: int | None = None,
     ) -> None:
-        """`run`: one engine call shared by `instances` workers (default 1), or one per instance."""
+        """`run`: one engine call shared by `instances` workers (default 1), or one per instance.
+
+        `max_batch_elements` caps a batch's total tensor elements (its first request always runs): large inputs run
+        alone, so that the engine's working memory is bounded by the largest input, not by `max_batch` of them.
+        """
         runs = [run] * (instances or 1) if callable(run) else list(run)
         if instances is not None and instances != len(runs):
             raise ValueError(f"{len(runs)} engine calls given for {instances} instances")
@@ -77,6 +82,7 @@ class DynamicBatcher:
         if max_batch < 1 or instances < 1 or max_queue < 1 or max_delay_ms < 0:
             raise ValueError("max_batch, instances and max_queue must be >= 1 and max_delay_ms >= 0")
         self._runs = runs
+        self.max_batch_elements = max_batch_elements
         self.max_batch, self.max_delay, self.max_queue, self.instances = max_batch, max_delay_ms / 1000.0, max_queue, instances
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Item] | None = None
@@ -134,12 +140,21 @@ class DynamicBatcher:
             first = self._carry.pop(0) if self._carry else await self._queue.get()
             batch, n = [first], first.tensor.shape[0]
             shape = first.tensor.shape[1:]
+            room = [self.max_batch_elements - first.tensor.size if self.max_batch_elements else None]
+
+            def fits(item: _Item) -> bool:
+                ok = item.tensor.shape[1:] == shape and n + item.tensor.shape[0] <= self.max_batch and \
+                    (room[0] is None or item.tensor.size <= room[0])
+                if ok and room[0] is not None:
+                    room[0] -= item.tensor.size
+                return ok
+
             deadline = first.enqueued + self.max_delay
             kept: list[_Item] = []
             for item in list(self._carry):
                 if n >= self.max_batch:
                     break
-                if item.tensor.shape[1:] == shape and n + item.tensor.shape[0] <= self.max_batch:
+                if fits(item):
                     batch.append(item)
                     n += item.tensor.shape[0]
                     self._carry.remove(item)
@@ -155,7 +170,7 @@ class DynamicBatcher:
                             item = await self._queue.get()
                 except (asyncio.QueueEmpty, TimeoutError):
                     break
-                if item.tensor.shape[1:] == shape and n + item.tensor.shape[0] <= self.max_batch:
+                if fits(item):
                     batch.append(item)
                     n += item.tensor.shape[0]
                 else:

@@ -29,19 +29,25 @@ _TRIM_AFTER = 64 * 1024 * 1024  # bytes released since the last trim before memo
 
 @dataclass
 class Lease:
-    """What one request was admitted with."""
+    """What one request was admitted with (from the main pool, and from the reserve for small requests)."""
 
     bytes: int = 0
+    reserve: int = 0
 
 
 class ByteBudget:
-    """Weighted request bytes in flight, at most `limit`; used from the event loop only (no lock needed)."""
+    """Weighted request bytes in flight, at most `limit` plus a reserve of `limit / 8` that only small requests (an
+    image, a small tensor: at most `limit / 64` each) may use, so that a flood of large bodies cannot starve them.
+    Used from the event loop only (no lock needed)."""
 
     def __init__(self, limit: int) -> None:
         if limit < 1:
             raise ValueError("the in-flight byte budget must be at least 1 byte")
         self.limit = limit
+        self.reserve_limit = limit // 8
+        self.small = max(1, limit // 64)
         self.used = 0
+        self.reserve_used = 0
         self.peak = 0
         self._released = 0
 
@@ -59,18 +65,23 @@ class ByteBudget:
         admitted (else one larger than the budget could never run); the body limit bounds it."""
         if n <= 0:
             return
-        if self.used > 0 and self.used + n > self.limit:
+        if self.used == 0 or self.used + n <= self.limit:
+            self.used += n
+            lease.bytes += n
+        elif lease.bytes + lease.reserve + n <= self.small and self.reserve_used + n <= self.reserve_limit:
+            self.reserve_used += n
+            lease.reserve += n
+        else:
             raise ServerBusyError(f"the server holds {self.used // 2**20} MiB of requests in flight (limit "
                                   f"{self.limit // 2**20} MiB); retry later")
-        self.used += n
-        lease.bytes += n
-        self.peak = max(self.peak, self.used)
+        self.peak = max(self.peak, self.used + self.reserve_used)
 
     def release(self, lease: Lease) -> None:
         self.used -= lease.bytes
-        self._released += lease.bytes
-        lease.bytes = 0
-        if self.used == 0 and self._released >= _TRIM_AFTER:
+        self.reserve_used -= lease.reserve
+        self._released += lease.bytes + lease.reserve
+        lease.bytes = lease.reserve = 0
+        if self.used == 0 and self.reserve_used == 0 and self._released >= _TRIM_AFTER:
             # glibc keeps freed large blocks in its arenas: without a trim, RSS stays at the peak of a burst forever.
             self._released = 0
             _malloc_trim()

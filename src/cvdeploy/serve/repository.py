@@ -39,12 +39,14 @@ class ServeSettings:
     keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_connections: int = 1000  # connections beyond are closed at once
     max_inflight_bytes: int = 512 * 1024 * 1024  # weighted request bytes held at once (503 + Retry-After beyond)
+    max_input_scale: float = 4.0  # v2 tensors: each side at most this many times the model's input size (and 4096)
     warmup_runs: int = 2
     audit: Any = None  # a cvdeploy.security.audit.AuditLog, or None
     audit_sample: float = 1.0  # share of inference requests recorded (privileged actions always are)
     audit_anchors: str | None = None  # a file apart from the log that receives signed anchors (cvdeploy.security.audit)
     audit_anchor_every_s: float = 60.0
     auth: Any = None  # a cvdeploy.security.auth.AuthPolicy, or None (no authentication: keep the server on loopback)
+    public_key: Any = None  # an ed25519 public key (cvdeploy.bundle.signing.load_public_key): serve only bundles it signed
 
 
 @dataclass
@@ -124,9 +126,7 @@ class Repository:
         if not p.exists():
             raise InputError(f"model not found: {p}")
         if (p / "manifest.json").is_file() or p.suffix.lower() == ".onnx":
-            from cvdeploy.bundle.bundle import Bundle
-
-            model_name = name or Bundle.load(p).name
+            model_name = name or self._load_bundle(p).name
         else:
             if not _discover_versions(p):
                 raise InputError(f"{p} is neither a bundle nor a model folder of version bundles (<model>/<version>/manifest.json)")
@@ -163,9 +163,10 @@ class Repository:
                 variant_bytes(b, encrypted[0], load_key())  # a wrong key fails AES-GCM's tag here
 
     def _load_bundle(self, path: Path) -> Any:
+        """Every load and reload goes through here: hashes always, the signature when a public key is configured."""
         from cvdeploy.bundle.bundle import Bundle
 
-        return Bundle.load(path)
+        return Bundle.load(path, public_key=self.settings.public_key)
 
     async def load(self, name: str) -> list[str]:
         """(Re)load every version of `name`; the old versions keep serving until the new ones are warm."""
@@ -221,7 +222,8 @@ class Repository:
         predictors: list[Any] = []
         try:
             for _ in range(s.instances):
-                predictors.append(Predictor(path, limits=DecodeLimits(max_pixels=s.max_pixels), max_batch=s.max_batch, threads=threads))
+                bundle = self._load_bundle(path)  # checked once per instance: a reload reads the files again
+                predictors.append(Predictor(bundle, limits=DecodeLimits(max_pixels=s.max_pixels), max_batch=s.max_batch, threads=threads))
         except BaseException:
             for p in predictors:
                 p.close()
@@ -234,8 +236,13 @@ class Repository:
             self.metrics.stage.labels(*labels, "queue").observe(stats.queue_s)
             self.metrics.stage.labels(*labels, "infer").observe(stats.infer_s)
 
+        h, w = predictors[0].spec.imgsz
+        native = s.max_batch * 3 * h * w  # a full batch at the model's own size
+        for p in predictors:  # after an input larger than that, the engine hands its extra working memory back
+            if hasattr(p.engine, "shrink_arena_above"):
+                p.engine.shrink_arena_above = native
         batcher = DynamicBatcher([p.infer_all for p in predictors], max_batch=s.max_batch, max_delay_ms=s.max_delay_ms,
-                                 max_queue=s.max_queue, on_batch=on_batch)
+                                 max_queue=s.max_queue, on_batch=on_batch, max_batch_elements=native)
         return LoadedModel(name, version, predictors, batcher, path)
 
     async def _warm(self, m: LoadedModel) -> None:
