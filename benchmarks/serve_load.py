@@ -224,12 +224,14 @@ def compare_secure(bundle: Path, plain_url: str, model: str, images: list[bytes]
     pki = make_dev_pki(d / "pki")
     _, api_key = KeyStore(d / "keys.db").create("bench", "predictor")
     new_key_file(d / "audit.key")
+    # The default rate limit (50/s per principal) would refuse a fast engine's load: this measures the cost of the checks.
+    (d / "policy.json").write_text(json.dumps({"rate_per_s": 1e6, "burst": 1e6}))
     port = free_port()
     url = f"https://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "cvdeploy", "serve", str(bundle), "--port", str(port),
                              *server_args(args), "--log-level", "warning",
                              "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--auth-keys", str(d / "keys.db"),
-                             "--audit-log", str(d / "audit.db"), "--audit-key-file", str(d / "audit.key")],
+                             "--auth-policy", str(d / "policy.json"), "--audit-log", str(d / "audit.db"), "--audit-key-file", str(d / "audit.key")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     headers = {"Authorization": f"Bearer {api_key}"}

@@ -231,7 +231,7 @@ async def _check_access(repo: Repository, request: Request) -> Response | None:
     policy = repo.settings.auth
     if policy is None:
         return None
-    from cvdeploy.security.auth import AuthError, PendingKey, route_permission
+    from cvdeploy.security.auth import AuthError, PendingKey, Principal, route_permission
 
     peer = request.client.host if request.client else None
     client = policy.client_address(peer, request.headers.get("x-forwarded-for"))
@@ -246,6 +246,7 @@ async def _check_access(repo: Repository, request: Request) -> Response | None:
             token = policy.credentials({k.lower(): v for k, v in request.headers.items()}, dict(request.query_params))
             key_id = policy.key_id_of(token)
             found = policy.identify(token)  # no hashing: a key already verified, or a JWT, is settled here
+            verified_now = not isinstance(found, Principal) or found.method != "api_key"
             if isinstance(found, PendingKey):  # argon2 ahead: only for an address and key id not guessing
                 if (wait := policy.failures_wait(client, key_id)) > 0:
                     raise AuthError(429, "too many failed authentications; retry later", "failed authentications throttled",
@@ -258,7 +259,10 @@ async def _check_access(repo: Repository, request: Request) -> Response | None:
             _deny(repo, request, "authenticate", "failure", request.url.path, e.detail)
             raise
         request.state.principal = principal
-        _audit(repo, request, "authenticate", "success", request.url.path, details=principal.key_id)
+        if verified_now or permission != "infer" or repo.settings.audit_sample < 1.0:
+            # An inference by an already-verified key is recorded once, by its own entry (principal, role, method):
+            # a second "authenticate" row per request would double the log's cost and say nothing new.
+            _audit(repo, request, "authenticate", "success", request.url.path, details=principal.key_id)
         wait = policy.rate_ok(f"principal:{principal.name}")
         if wait:
             raise AuthError(429, "too many requests for this principal", "rate limited (principal)", retry_after=wait)
