@@ -1,4 +1,13 @@
-"""Predictor: decode -> preprocess (bundle spec) -> engine -> postprocess, for one image, a batch, or async."""
+"""Predictor: the inference pipeline as public, typed stages, composed by `predict`, the server and the benchmarks.
+
+    decode(source) -> image          bytes, path, array or PIL image -> BGR uint8 (the decoding Ultralytics trains with)
+    prepare(images) -> Prepared      letterbox (minimal rectangle when the images share a shape) -> NCHW float32 tensor
+    infer(tensor) -> outputs         the engine alone
+    finish(prepared, outputs) -> [Result]   decode boxes, NMS, scale back to each image
+
+What is served is what is predicted: the server calls these same stages (it only adds a batcher between prepare
+and infer, which batches tensors of the same shape), so its answers equal `predict`'s.
+"""
 
 from __future__ import annotations
 
@@ -115,49 +124,80 @@ class Predictor:
     def names(self) -> dict[int, str]:
         return self.bundle.names
 
-    def _options(self, overrides: dict[str, Any]) -> DetectOptions:
+    def detect_options(self, **overrides: Any) -> DetectOptions:
+        """The Predictor's options with per-call `conf`, `iou`, `max_det`, `classes` (None keeps the default; classes=None
+        keeps every class). Unknown names are refused."""
         unknown = set(overrides) - {"conf", "iou", "max_det", "classes"}
         if unknown:
             raise InputError(f"unknown prediction option(s): {', '.join(sorted(unknown))}")
-        if "classes" in overrides and overrides["classes"] is not None:
+        if overrides.get("classes") is not None:
             overrides["classes"] = tuple(int(c) for c in overrides["classes"])
         return replace(self.options, **{k: v for k, v in overrides.items() if v is not None or k == "classes"})
 
-    # -- the hot loop ----------------------------------------------------------------------------
+    _options = detect_options  # the name callers of 0.1 used
+
+    # -- the stages ------------------------------------------------------------------------------
+
+    def decode(self, source: ImageSource) -> np.ndarray:
+        """Stage 1: any image source -> HxWx3 BGR uint8, within this Predictor's decode limits."""
+        return load_image(source, limits=self.limits)
+
+    def prepare(self, images: list[np.ndarray]) -> Prepared:
+        """Stage 2: the bundle's letterbox and normalisation -> one NCHW float32 tensor (minimal-padding rectangle when
+        every image has the same shape, Ultralytics' rule; square otherwise) and each image's letterbox parameters."""
+        if not images:
+            raise InputError("no images to prepare")
+        t0 = time.perf_counter()
+        tensor, params = preprocess(images, self.spec)
+        return Prepared(tensor, params, [im.shape[:2] for im in images], _ms(t0, time.perf_counter()) / len(images))
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
-        """Run the engine on a preprocessed NCHW float32 tensor; returns the first output."""
+        """Stage 3, the engine alone, on a prepared NCHW float32 tensor; returns the first output (`infer_all`: all)."""
         return next(iter(self.engine.run({self._input_name: tensor}).values()))
 
     def infer_all(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the engine on a preprocessed NCHW float32 tensor; returns every output by name."""
+        """Stage 3, the engine alone, on a prepared NCHW float32 tensor; returns every output by name."""
         return self.engine.run({self._input_name: tensor})
 
-    def _run_batch(self, images: list[np.ndarray], options: DetectOptions) -> tuple[list[Any], list[Timings]]:
-        n = len(images)
+    def finish(self, prepared: Prepared, outputs: dict[str, np.ndarray] | np.ndarray, *, options: DetectOptions | None = None,
+               timings: Sequence[Timings] | None = None, sources: Sequence[str | None] | None = None) -> list[Result]:
+        """Stage 4: the raw outputs of `prepared` (all its rows) -> one Result per image, boxes in the image's pixels.
+
+        `timings` (one per image) get this stage's time added; `sources` name the images in their results.
+        """
+        output = outputs if isinstance(outputs, np.ndarray) else next(iter(outputs.values()))
+        n = len(prepared.params)
+        if output.shape[0] != n:
+            raise InputError(f"finish: {output.shape[0]} output rows for {n} prepared image(s)")
         t0 = time.perf_counter()
-        tensor, params = preprocess(images, self.spec)
-        t1 = time.perf_counter()
-        output = self.infer(tensor)
-        t2 = time.perf_counter()
-        dets = decode_detect_batch(output, params, options, end2end=self._end2end)
-        t3 = time.perf_counter()
-        timings = [Timings(preprocess=_ms(t0, t1) / n, infer=_ms(t1, t2) / n, postprocess=_ms(t2, t3) / n) for _ in range(n)]
-        return dets, timings
+        dets = decode_detect_batch(output, prepared.params, options or self.options, end2end=self._end2end)
+        post = _ms(t0, time.perf_counter()) / n
+        timings = list(timings) if timings is not None else [Timings(preprocess=prepared.ms_per_image) for _ in range(n)]
+        names = list(sources) if sources is not None else [None] * n
+        results = []
+        for d, shape, t, src in zip(dets, prepared.shapes, timings, names, strict=True):
+            t.postprocess += post
+            results.append(Result("detect", self.names, shape, detections=d, timings=t, source=src))
+        return results
+
+    # -- the stages composed -----------------------------------------------------------------------
 
     def _predict_many(self, sources: Sequence[ImageSource], options: DetectOptions) -> list[Result]:
         decoded: list[tuple[np.ndarray, float]] = []
         for src in sources:
             t0 = time.perf_counter()
-            img = load_image(src, limits=self.limits)
+            img = self.decode(src)
             decoded.append((img, _ms(t0, time.perf_counter())))
         results: list[Result] = []
         for start in range(0, len(decoded), self.max_batch):
             chunk = decoded[start : start + self.max_batch]
-            dets, timings = self._run_batch([im for im, _ in chunk], options)
-            for (img, decode_ms), d, t, src in zip(chunk, dets, timings, sources[start : start + self.max_batch], strict=True):
-                t.decode = decode_ms
-                results.append(Result("detect", self.names, img.shape[:2], detections=d, timings=t, source=_source_name(src)))
+            prepared = self.prepare([im for im, _ in chunk])
+            t0 = time.perf_counter()
+            outputs = self.infer_all(prepared.tensor)
+            infer = _ms(t0, time.perf_counter()) / len(chunk)
+            timings = [Timings(decode=ms, preprocess=prepared.ms_per_image, infer=infer) for _, ms in chunk]
+            results += self.finish(prepared, outputs, options=options, timings=timings,
+                                   sources=[_source_name(s) for s in sources[start : start + self.max_batch]])
         return results
 
     @overload
@@ -167,7 +207,7 @@ class Predictor:
 
     def predict(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], **overrides: Any) -> Result | list[Result]:
         """One image -> Result; a list or tuple -> list[Result] (batched). Overrides: conf, iou, max_det, classes."""
-        options = self._options(overrides)
+        options = self.detect_options(**overrides)
         if isinstance(images, list | tuple):
             if not images:
                 raise InputError("no images given")
@@ -181,8 +221,9 @@ class Predictor:
         return await asyncio.to_thread(self.predict, image, **overrides)
 
     def preprocess(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[LetterboxParams]]:
-        """The bundle's preprocessing alone, for tools that feed the engine themselves."""
-        return preprocess(images, self.spec)
+        """`prepare` as (tensor, letterbox parameters), for tools that feed the engine themselves."""
+        prepared = self.prepare(images)
+        return prepared.tensor, prepared.params
 
     def close(self) -> None:
         self.engine.close()
@@ -195,6 +236,16 @@ class Predictor:
 
     def __repr__(self) -> str:
         return f"Predictor(bundle={self.bundle.name!r}, variant={self.variant!r}, provider={self.engine.provider!r})"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `Predictor.prepare` hands to the engine and on to `finish`."""
+
+    tensor: np.ndarray  # NCHW float32, one row per image
+    params: list[LetterboxParams]  # how each image was letterboxed (to scale boxes back)
+    shapes: list[tuple[int, int]]  # each image's (height, width)
+    ms_per_image: float = 0.0  # the time `prepare` took, shared out
 
 
 @dataclass(frozen=True)

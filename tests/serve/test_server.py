@@ -26,14 +26,20 @@ def image(shapes_data: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def predictor(demo_bundle: Path) -> Predictor:
+    """What the image API must answer: the Predictor's own results (minimal-rectangle letterbox)."""
+    return Predictor(demo_bundle)
+
+
+@pytest.fixture(scope="module")
 def square(demo_bundle: Path) -> Predictor:
-    """The Predictor with the server's square letterbox (one size per model, so that requests share batches)."""
+    """The Predictor with a square letterbox: what clients that letterbox themselves (Ultralytics' Triton client) send."""
     p = Predictor(demo_bundle)
     p.spec = replace(p.spec, rect=False)
     return p
 
 
-def test_tritonclient_metadata_and_infer_binary_and_json(server, square: Predictor, image: Path) -> None:
+def test_tritonclient_metadata_and_infer_binary_and_json(server, square: Predictor, predictor: Predictor, image: Path) -> None:
     import tritonclient.http as tc
 
     c = tc.InferenceServerClient(server.hostport)
@@ -52,7 +58,7 @@ def test_tritonclient_metadata_and_infer_binary_and_json(server, square: Predict
     inp = tc.InferInput("image", [2], "BYTES")
     inp.set_data_from_numpy(np.array([image.read_bytes()] * 2, dtype=object))
     dets = [json.loads(d) for d in c.infer(MODEL, [inp]).as_numpy("detections")]
-    expected = square.predict(image).to_dict()["detections"]
+    expected = predictor.predict(image).to_dict()["detections"]
     assert [d["detections"] for d in dets] == [expected, expected]
 
 
@@ -68,10 +74,10 @@ def test_ultralytics_triton_client(server, square: Predictor, image: Path) -> No
         np.testing.assert_allclose(res.boxes.conf.numpy(), ours.confidence, atol=1e-3)
 
 
-def test_image_api_raw_multipart_and_base64(server, square: Predictor, image: Path) -> None:
+def test_image_api_raw_multipart_and_base64(server, predictor: Predictor, image: Path) -> None:
     url = f"{server.url}/v1/models/{MODEL}/predict"
     blob = image.read_bytes()
-    expected = square.predict(image, conf=0.1).to_dict()["detections"]
+    expected = predictor.predict(image, conf=0.1).to_dict()["detections"]
     raw = httpx.post(url, content=blob, params={"conf": 0.1}, headers={"content-type": "image/jpeg"})
     multi = httpx.post(url, files={"image": ("a.jpg", blob, "image/jpeg")}, params={"conf": 0.1})
     b64 = httpx.post(url, json={"image": base64.b64encode(blob).decode()}, params={"conf": 0.1, "annotate": True})
@@ -156,14 +162,14 @@ def test_metrics_repository_and_versions(server, image: Path) -> None:
     assert httpx.post(f"{server.url}/v2/repository/models/nope/load").status_code == 404
 
 
-def test_python_clients_and_the_client_command(server, square: Predictor, image: Path, tmp_path: Path) -> None:
+def test_python_clients_and_the_client_command(server, predictor: Predictor, image: Path, tmp_path: Path) -> None:
     import asyncio
     import subprocess
     import sys
 
     from cvdeploy.client import AsyncClient, Client, ConnectionFailed, ServerError
 
-    expected = square.predict(image, conf=0.2).to_dict()["detections"]
+    expected = predictor.predict(image, conf=0.2).to_dict()["detections"]
     with Client(server.url) as c:
         assert c.ready() and c.models()[0]["name"] == MODEL
         assert c.predict(MODEL, image, conf=0.2)["detections"] == expected
@@ -264,16 +270,50 @@ def test_a_failed_load_keeps_the_serving_version(demo_bundle: Path, server_facto
     assert httpx.get(f"{s.url}/v2/models/shapes").json()["versions"] == ["1"]
 
 
-def test_several_engine_instances_serve_the_same_results(demo_bundle: Path, server_factory, square: Predictor, image: Path) -> None:
+def test_several_engine_instances_serve_the_same_results(demo_bundle: Path, server_factory, predictor: Predictor, image: Path) -> None:
     r = server_factory([str(demo_bundle)], instances=2, threads=1, max_batch=2)
     config = httpx.get(f"{r.url}/v2/models/{MODEL}/config").json()
     assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     loaded = r.repo.get(MODEL)
     assert len(loaded.instances) == 2 and all(p.engine.options.intra_op_threads == 1 for p in loaded.instances)
-    expected = square.predict(image).to_dict()["detections"]
+    expected = predictor.predict(image).to_dict()["detections"]
     with httpx.Client(base_url=r.url, timeout=60) as c:
         import concurrent.futures
 
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda _: c.post(f"/v1/models/{MODEL}/predict", content=image.read_bytes()), range(12)))
     assert all(a.status_code == 200 and a.json()["detections"] == expected for a in answers)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    x1, y1 = np.maximum(a[:, 0], b[:, 0]), np.maximum(a[:, 1], b[:, 1])
+    x2, y2 = np.minimum(a[:, 2], b[:, 2]), np.minimum(a[:, 3], b[:, 3])
+    inter = (x2 - x1).clip(0) * (y2 - y1).clip(0)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_what_is_served_is_what_is_predicted_under_concurrent_batching(demo_bundle: Path, server_factory, predictor: Predictor,
+                                                                       shapes_data: Path) -> None:
+    """60 images of varied sizes and aspect ratios, sent at once: the server batches those whose letterbox rectangles
+    match, and every answer equals Predictor.predict on the same file (issue 12: it used to letterbox square)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = server_factory([str(demo_bundle)], max_batch=4, max_delay_ms=50.0)
+    images = sorted((shapes_data / "images" / "val").glob("*.jpg"))
+    assert len(images) >= 50 and len({load_image(p).shape for p in images}) >= 10  # varied sizes and aspect ratios
+    with httpx.Client(base_url=s.url, timeout=120) as c, ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda p: c.post(f"/v1/models/{MODEL}/predict", content=p.read_bytes()), images))
+    for path, r in zip(images, answers, strict=True):
+        assert r.status_code == 200, r.text
+        got = r.json()["detections"]
+        ref = predictor.predict(path).detections
+        assert len(got) == len(ref), path.name
+        if len(ref):
+            boxes = np.array([[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in got])
+            assert (_iou(boxes, ref.xyxy) >= 0.99).all(), path.name
+            assert np.abs(np.array([d["confidence"] for d in got]) - ref.confidence).max() <= 1e-3
+            assert [d["class_id"] for d in got] == ref.class_id.tolist()
+    text = httpx.get(f"{s.url}/metrics").text
+    count = lambda name: sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name + "{"))  # noqa: E731
+    assert count("cvdeploy_execution_count_total") < count("cvdeploy_inference_count_total")  # requests did share batches

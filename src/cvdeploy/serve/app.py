@@ -15,7 +15,6 @@ import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,7 +25,8 @@ from starlette.requests import ClientDisconnect
 
 from cvdeploy import __version__
 from cvdeploy.errors import CvdeployError, ImageDecodeError, InputError, ServerBusyError
-from cvdeploy.serve.batcher import QueueFull
+from cvdeploy.predict import Prepared
+from cvdeploy.serve.batcher import QueueFull, Served
 from cvdeploy.serve.metrics import ServerMetrics
 from cvdeploy.serve.protocol import HEADER, OutputNotRepresentable, decompress, encode_response, load_json, parse_request
 from cvdeploy.serve.repository import LoadedModel, Repository, ServeSettings
@@ -125,7 +125,7 @@ def _config(m: LoadedModel) -> dict[str, Any]:
     }
 
 
-async def _run(m: LoadedModel, tensor: np.ndarray, timeout: float) -> dict[str, np.ndarray]:
+async def _run(m: LoadedModel, tensor: np.ndarray, timeout: float) -> Served:
     try:
         async with asyncio.timeout(timeout):  # no extra task per request, unlike wait_for
             return await m.infer(tensor)
@@ -141,47 +141,40 @@ async def _all(aws: list[Any]) -> list[Any]:
 
 
 async def _detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], options: Any, annotate: bool = False) -> list[dict]:
-    """Encoded images -> decode and letterbox (thread pool) -> batched engine -> NMS -> result dicts."""
-    from cvdeploy.vision.draw import draw
-    from cvdeploy.vision.image import load_image
-    from cvdeploy.vision.letterbox import preprocess
-    from cvdeploy.vision.postprocess import decode_detect_batch
-    from cvdeploy.vision.result import Result, Timings
+    """Encoded images through the Predictor's own stages: decode and prepare (thread pool), infer (the batcher, which
+    batches same-shape tensors), finish. Each image is letterboxed exactly as `Predictor.predict` letterboxes it (the
+    minimal rectangle), so the answer is the Predictor's; images whose rectangles match share batches."""
+    from cvdeploy.vision.image import image_format
+    from cvdeploy.vision.result import Timings
 
     p = m.predictor
-    spec = replace(p.spec, rect=False)  # one square size per model, so that requests can share batches
     allowed = repo.settings.allowed_formats
 
-    def prepare(blob: bytes) -> tuple[np.ndarray, np.ndarray, Any, float, float]:
-        from cvdeploy.vision.image import image_format
-
+    def prepare(blob: bytes) -> tuple[np.ndarray, Prepared, float]:
         fmt = image_format(blob)
         if fmt is not None and fmt.lower() not in allowed:
             raise InputError(f"image format {fmt} is not allowed here (allowed: {', '.join(allowed)})")
         t0 = time.perf_counter()
-        img = load_image(blob, limits=p.limits)
-        t1 = time.perf_counter()
-        tensor, params = preprocess([img], spec)
-        return img, tensor, params[0], (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+        img = p.decode(blob)
+        decode_ms = (time.perf_counter() - t0) * 1000
+        return img, p.prepare([img]), decode_ms
 
     timeout = repo.settings.request_timeout_s
     with m.batcher.expect(len(blobs)):
         prepared = await _all([asyncio.to_thread(prepare, b) for b in blobs])
-    t0 = time.perf_counter()
-    outs = await _all([_run(m, t, timeout) for _, t, _, _, _ in prepared])
-    infer_ms = (time.perf_counter() - t0) * 1000
+    served = await _all([_run(m, pr.tensor, timeout) for _, pr, _ in prepared])
     results = []
-    for (img, _, params, dec, pre), out in zip(prepared, outs, strict=True):
-        t1 = time.perf_counter()
-        dets = decode_detect_batch(next(iter(out.values())), [params], options, end2end=p._end2end)[0]
-        post = (time.perf_counter() - t1) * 1000
-        r = Result("detect", p.names, img.shape[:2], detections=dets, timings=Timings(dec, pre, infer_ms, post))
-        repo.metrics.stage.labels(m.name, m.version, "preprocess").observe((dec + pre) / 1000)
-        repo.metrics.stage.labels(m.name, m.version, "postprocess").observe(post / 1000)
+    for (img, pr, decode_ms), sv in zip(prepared, served, strict=True):
+        t = Timings(decode=decode_ms, preprocess=pr.ms_per_image, queue=sv.queue_s * 1000, infer=sv.infer_s * 1000 / sv.batch_rows)
+        (r,) = p.finish(pr, sv.outputs, options=options, timings=[t])
+        repo.metrics.stage.labels(m.name, m.version, "preprocess").observe((t.decode + t.preprocess) / 1000)
+        repo.metrics.stage.labels(m.name, m.version, "postprocess").observe(t.postprocess / 1000)
         d = r.to_dict()
         d.pop("source", None)
         if annotate:
             import cv2
+
+            from cvdeploy.vision.draw import draw
 
             ok, buf = cv2.imencode(".jpg", draw(img, r))
             d["annotated_image"] = base64.b64encode(buf.tobytes()).decode() if ok else None
@@ -507,7 +500,7 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         tensor = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(tensor).all():
             raise InputError(f"input {name!r} holds inf or NaN")
-        return await _run(m, tensor, repo.settings.request_timeout_s)
+        return (await _run(m, tensor, repo.settings.request_timeout_s)).outputs
 
     # -- the image API ---------------------------------------------------------------------------
 
@@ -649,7 +642,7 @@ def _options(m: LoadedModel, conf: float | None, iou: float | None, max_det: int
             overrides["classes"] = [int(c) for c in classes.split(",") if c.strip()]
         except ValueError:
             raise InputError(f"classes takes comma-separated integers, got {classes!r}") from None
-    return m.predictor._options(overrides)
+    return m.predictor.detect_options(**overrides)
 
 
 async def _image_from(request: Request, body: bytes) -> bytes:

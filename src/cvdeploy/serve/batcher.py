@@ -14,6 +14,7 @@ without bound.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from cvdeploy.errors import EngineError
 
 
 def os_thread_namer(name: str) -> Callable[[], None]:
@@ -44,7 +47,7 @@ class QueueFull(Exception):
     """The model's queue holds `max_queue` requests already."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: list.remove() must not compare the tensors (numpy would raise, and kill the worker)
 class _Item:
     tensor: np.ndarray  # (n, ...) with n >= 1
     future: asyncio.Future
@@ -56,6 +59,16 @@ class BatchStats:
     batch_images: int
     queue_s: float  # oldest request's wait
     infer_s: float
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request's rows of every output, with where its time went: waiting for a batch and an engine, and the engine."""
+
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    infer_s: float  # the whole batch's engine call
+    batch_rows: int = 1  # the rows that call ran (to share its time out per image)
 
 
 class DynamicBatcher:
@@ -93,6 +106,7 @@ class DynamicBatcher:
         self._lock: asyncio.Lock | None = None
         self._busy = 0  # batches being run
         self._expected = 0  # requests announced with expect() and not submitted yet
+        self._idle: asyncio.Event | None = None  # set whenever nothing is queued or running (stop() waits on it)
 
     @property
     def depth(self) -> int:
@@ -102,13 +116,20 @@ class DynamicBatcher:
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._lock = asyncio.Lock()
+            self._idle = asyncio.Event()
+            self._idle.set()
             self._workers = [asyncio.create_task(self._worker(run)) for run in self._runs]
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Let queued and running requests finish (up to `drain_timeout_s`), then stop the workers."""
-        deadline = time.monotonic() + drain_timeout_s
-        while (self.depth or self._busy) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        if self._idle is not None:
+            try:
+                async with asyncio.timeout(drain_timeout_s):
+                    while self.depth or self._busy:  # woken by every batch that ends with nothing left to do
+                        self._idle.clear()
+                        await self._idle.wait()
+            except TimeoutError:
+                pass
         for w in self._workers:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -126,11 +147,16 @@ class DynamicBatcher:
 
     async def submit(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
         """Queue `tensor` (n, C, H, W); return its rows of every output."""
+        return (await self.submit_timed(tensor)).outputs
+
+    async def submit_timed(self, tensor: np.ndarray) -> Served:
+        """Queue `tensor` (n, C, H, W); return its rows of every output and its queue and engine time."""
         self.start()
-        assert self._queue is not None
+        assert self._queue is not None and self._idle is not None
         if self.depth >= self.max_queue:
             raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._idle.clear()
         await self._queue.put(_Item(tensor, fut))
         return await fut
 
@@ -181,7 +207,12 @@ class DynamicBatcher:
     async def _worker(self, run: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
+            try:
+                batch = await self._next_batch()
+            except Exception:  # a defect in batch formation must not leave the model without a worker (every request
+                # after it would hang until its timeout): log it and go on
+                logging.getLogger("cvdeploy.serve").exception("batch formation failed")
+                continue
             live = [it for it in batch if not it.future.cancelled()]
             if not live:
                 continue
@@ -190,6 +221,8 @@ class DynamicBatcher:
                 await self._run_batch(loop, run, live)
             finally:
                 self._busy -= 1
+                if not self._busy and not self.depth and self._idle is not None:
+                    self._idle.set()
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, run: Callable[[np.ndarray], dict[str, np.ndarray]],
                          live: list[_Item]) -> None:
@@ -203,12 +236,23 @@ class DynamicBatcher:
                     it.future.set_exception(e)
             return
         t1 = time.perf_counter()
+        rows = int(tensor.shape[0])
+        wrong = {name: out.shape[0] if getattr(out, "ndim", 0) else None for name, out in outputs.items()
+                 if not getattr(out, "ndim", 0) or out.shape[0] != rows}
+        if wrong:  # one output row per input row, or nobody can be given their share: every caller learns why
+            e = EngineError(f"the engine returned {', '.join(f'{n!r} with {r} rows' for n, r in wrong.items())} for a batch of "
+                            f"{rows} input rows ({len(live)} request(s)); expected one row per input")
+            for it in live:
+                if not it.future.done():
+                    it.future.set_exception(e)
+            return
         if self._on_batch:
-            self._on_batch(BatchStats(int(tensor.shape[0]), t0 - min(it.enqueued for it in live), t1 - t0))
+            self._on_batch(BatchStats(rows, t0 - min(it.enqueued for it in live), t1 - t0))
         start = 0
         for it in live:
             k = it.tensor.shape[0]
             if not it.future.done():
-                it.future.set_result({name: out[start : start + k] for name, out in outputs.items()})
+                it.future.set_result(Served({name: out[start : start + k] for name, out in outputs.items()}, t0 - it.enqueued,
+                                            t1 - t0, rows))
             start += k
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.errors import InputError
-from cvdeploy.serve.batcher import BatchStats, DynamicBatcher
+from cvdeploy.serve.batcher import BatchStats, DynamicBatcher, Served
 from cvdeploy.serve.metrics import ServerMetrics
 
 
@@ -75,8 +75,9 @@ class LoadedModel:
     def bundle(self) -> Any:
         return self.predictor.bundle
 
-    async def infer(self, tensor: np.ndarray) -> dict[str, np.ndarray]:
-        return await self.batcher.submit(tensor)
+    async def infer(self, tensor: np.ndarray) -> Served:
+        """`tensor`'s rows of every output, through the model's batcher, with its queue and engine time."""
+        return await self.batcher.submit_timed(tensor)
 
 
 class Repository:

@@ -8,21 +8,23 @@ from typing import Any
 
 from cvdeploy.vision.detections import Classifications, Detections
 
-STAGES = ("decode", "preprocess", "infer", "postprocess")
+STAGES = ("decode", "preprocess", "queue", "infer", "postprocess")
 
 
 @dataclass
 class Timings:
-    """Milliseconds spent in each stage for this image (batched stages are shared out per image)."""
+    """Milliseconds spent in each stage for this image (batched stages are shared out per image). `queue` is the wait
+    for a batch and an engine (the server's batcher); the Predictor alone has none."""
 
     decode: float = 0.0
     preprocess: float = 0.0
     infer: float = 0.0
     postprocess: float = 0.0
+    queue: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.decode + self.preprocess + self.infer + self.postprocess
+        return self.decode + self.preprocess + self.queue + self.infer + self.postprocess
 
     def to_dict(self) -> dict[str, float]:
         d = {s: round(getattr(self, s), 3) for s in STAGES}
