@@ -112,6 +112,6 @@ def serve(
                             tls_key=str(tls_key) if tls_key else None, tls_client_ca=str(tls_client_ca) if tls_client_ca else None,
                             log_level=log_level, settings=settings)
     scheme = "https" if tls_cert else "http"
-    console.print(f"serving {', '.join(sorted(repo._sources))} on {scheme}://{host}:{port}"
+    console.print(f"serving {', '.join(repo.sources())} on {scheme}://{host}:{port}"
                   f"{' with mutual TLS' if tls_client_ca else ''} (models load and warm up before ready)")
     uvicorn.Server(config).run()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvdeploy.errors import InputError, MissingDependencyError
+from cvdeploy.errors import AuthError, InputError, MissingDependencyError
 
 ROLES: dict[str, set[str]] = {
     "viewer": {"health", "metadata"},
@@ -88,12 +88,6 @@ class PendingKey:
     principal: str
     role: str
     digest: bytes
-
-
-class AuthError(Exception):
-    def __init__(self, status: int, message: str, audit_detail: str = "", *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.detail, self.retry_after = status, message, audit_detail, retry_after
 
 
 # -- TOTP ------------------------------------------------------------------------------------------

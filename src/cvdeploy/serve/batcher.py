@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cvdeploy.errors import EngineError
+from cvdeploy.errors import EngineError, QueueFullError
 
 
 def os_thread_namer(name: str) -> Callable[[], None]:
@@ -43,9 +43,7 @@ def os_thread_namer(name: str) -> Callable[[], None]:
     return init
 
 
-class QueueFull(Exception):
-    """The model's queue holds `max_queue` requests already."""
-
+QueueFull = QueueFullError  # the name of 0.1
 
 @dataclass(eq=False)  # identity: list.remove() must not compare the tensors (numpy would raise, and kill the worker)
 class _Item:
@@ -154,7 +152,7 @@ class DynamicBatcher:
         self.start()
         assert self._queue is not None and self._idle is not None
         if self.depth >= self.max_queue:
-            raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
+            raise QueueFullError(f"queue full ({self.max_queue} requests waiting)")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._idle.clear()
         await self._queue.put(_Item(tensor, fut))

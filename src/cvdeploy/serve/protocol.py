@@ -13,11 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.errors import InputError
-
-
-class OutputNotRepresentable(InputError):
-    """The request was valid, but its answer cannot be written in the asked form (422)."""
+from cvdeploy.errors import InputError, OutputNotRepresentableError, PayloadTooLargeError
 
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
           "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
@@ -72,7 +68,7 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     except zlib.error as e:
         raise InputError(f"the {enc} body cannot be decompressed: {e}") from None
     if len(out) > limit:
-        raise OverflowError(f"the decompressed body is larger than the limit ({limit} bytes)")
+        raise PayloadTooLargeError(f"the decompressed body is larger than the limit ({limit} bytes)")
     return out
 
 
@@ -235,7 +231,7 @@ def encode_response(model: str, version: str, req_id: str | None, outputs: dict[
     try:
         head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     except ValueError:  # NaN and inf have no JSON form: a bare NaN token would break every client's parser
-        raise OutputNotRepresentable("the model's output holds NaN or inf for these inputs, which JSON cannot carry: send inputs "
+        raise OutputNotRepresentableError("the model's output holds NaN or inf for these inputs, which JSON cannot carry: send inputs "
                                      "in the model's range (0..1 for images), or ask for binary output "
                                      "(parameters.binary_data_output)") from None
     if chunks:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.errors import InputError
+from cvdeploy.errors import InputError, NotFoundError
 from cvdeploy.serve.batcher import BatchStats, DynamicBatcher, Served
 from cvdeploy.serve.metrics import ServerMetrics
 
@@ -101,12 +101,16 @@ class Repository:
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         versions = self._models.get(name)
         if not versions:
-            raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.names()) or 'none'})")
+            raise NotFoundError(f"model {name!r} is not loaded (loaded: {', '.join(self.names()) or 'none'})")
         if version is None:
             return versions[max(versions, key=_version_key)]
         if version not in versions:
-            raise KeyError(f"model {name!r} has no version {version!r} (versions: {', '.join(sorted(versions, key=_version_key))})")
+            raise NotFoundError(f"model {name!r} has no version {version!r} (versions: {', '.join(sorted(versions, key=_version_key))})")
         return versions[version]
+
+    def sources(self) -> list[str]:
+        """The names of every model the repository knows (loaded or not)."""
+        return sorted(self._sources)
 
     def versions(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=_version_key)
@@ -172,7 +176,7 @@ class Repository:
     async def load(self, name: str) -> list[str]:
         """(Re)load every version of `name`; the old versions keep serving until the new ones are warm."""
         if name not in self._sources:
-            raise KeyError(f"model {name!r} is not in the repository (known: {', '.join(sorted(self._sources)) or 'none'})")
+            raise NotFoundError(f"model {name!r} is not in the repository (known: {', '.join(sorted(self._sources)) or 'none'})")
         src = self._sources[name]
         versions = _discover_versions(src)
         targets = {v: src / v for v in versions} if versions else {"1": src}
@@ -202,7 +206,7 @@ class Repository:
         async with self._lock:
             old = self._models.pop(name, None)
             if old is None:
-                raise KeyError(f"model {name!r} is not loaded")
+                raise NotFoundError(f"model {name!r} is not loaded")
             for v, m in old.items():
                 self.metrics.model_state.labels(name, v).set(0)
                 await _drain_and_stop(m)

@@ -1,0 +1,69 @@
+"""The inference path of a request: the Predictor's own stages around the model's batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+import numpy as np
+
+from cvdeploy.errors import DeadlineError, InputError
+from cvdeploy.predict import Prepared
+from cvdeploy.serve.batcher import Served
+from cvdeploy.serve.http import gather_all
+from cvdeploy.serve.repository import LoadedModel, Repository
+
+
+async def run_model(m: LoadedModel, tensor: np.ndarray, timeout: float) -> Served:
+    """`tensor` through the model's batcher within `timeout` (a full queue raises QueueFullError: 503)."""
+    try:
+        async with asyncio.timeout(timeout):  # no extra task per request, unlike wait_for
+            return await m.infer(tensor)
+    except TimeoutError:
+        raise DeadlineError(f"model {m.name!r} did not answer within {timeout:g} s") from None
+
+
+async def detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], options: Any, annotate: bool = False) -> list[dict]:
+    """Encoded images through the Predictor's own stages: decode and prepare (thread pool), infer (the batcher, which
+    batches same-shape tensors), finish. Each image is letterboxed exactly as `Predictor.predict` letterboxes it (the
+    minimal rectangle), so the answer is the Predictor's; images whose rectangles match share batches."""
+    from cvdeploy.vision.image import image_format
+    from cvdeploy.vision.result import Timings
+
+    p = m.predictor
+    allowed = repo.settings.allowed_formats
+
+    def prepare(blob: bytes) -> tuple[np.ndarray, Prepared, float]:
+        fmt = image_format(blob)
+        if fmt is not None and fmt.lower() not in allowed:
+            raise InputError(f"image format {fmt} is not allowed here (allowed: {', '.join(allowed)})")
+        t0 = time.perf_counter()
+        img = p.decode(blob)
+        decode_ms = (time.perf_counter() - t0) * 1000
+        return img, p.prepare([img]), decode_ms
+
+    timeout = repo.settings.request_timeout_s
+    with m.batcher.expect(len(blobs)):
+        prepared = await gather_all([asyncio.to_thread(prepare, b) for b in blobs])
+    served = await gather_all([run_model(m, pr.tensor, timeout) for _, pr, _ in prepared])
+    results = []
+    for (img, pr, decode_ms), sv in zip(prepared, served, strict=True):
+        t = Timings(decode=decode_ms, preprocess=pr.ms_per_image, queue=sv.queue_s * 1000, infer=sv.infer_s * 1000 / sv.batch_rows)
+        (r,) = p.finish(pr, sv.outputs, options=options, timings=[t])
+        repo.metrics.stage.labels(m.name, m.version, "preprocess").observe((t.decode + t.preprocess) / 1000)
+        repo.metrics.stage.labels(m.name, m.version, "postprocess").observe(t.postprocess / 1000)
+        d = r.to_dict()
+        d.pop("source", None)
+        if annotate:
+            import cv2
+
+            from cvdeploy.vision.draw import draw
+
+            ok, buf = cv2.imencode(".jpg", draw(img, r))
+            d["annotated_image"] = base64.b64encode(buf.tobytes()).decode() if ok else None
+        results.append(d)
+    return results
+
+

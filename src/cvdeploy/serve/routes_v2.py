@@ -1,0 +1,170 @@
+"""Open Inference Protocol v2 routes (KServe, Triton-compatible): health, metadata, inference, repository control."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from cvdeploy import __version__
+from cvdeploy.errors import CvdeployError, InputError, NotFoundError
+from cvdeploy.serve.access import audit, inference_scope
+from cvdeploy.serve.http import read_body
+from cvdeploy.serve.pipeline import detect_images, run_model
+from cvdeploy.serve.protocol import HEADER, decompress, encode_response, parse_request
+from cvdeploy.serve.repository import LoadedModel, Repository
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "cvdeploy_images"]
+V2_TYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8", "int32": "INT32", "int64": "INT64"}
+
+
+def _metadata(m: LoadedModel) -> dict[str, Any]:
+    eng = m.predictor.engine
+    return {
+        "name": m.name, "versions": [m.version], "platform": "onnxruntime_onnx" if "OpenVINO" not in eng.provider else "openvino",
+        "inputs": [{"name": i.name, "datatype": V2_TYPES.get(i.dtype, "FP32"), "shape": [-1 if d is None else d for d in i.shape]}
+                   for i in eng.inputs]
+        + [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": o.name, "datatype": V2_TYPES.get(o.dtype, "FP32"), "shape": [-1 if d is None else d for d in o.shape]}
+                    for o in eng.outputs] + [{"name": "detections", "datatype": "BYTES", "shape": [-1]}],
+    }
+
+
+def _ultralytics_metadata(m: LoadedModel) -> dict[str, Any]:
+    """What Ultralytics' Triton client reads (with ast.literal_eval): plain literals only."""
+    man = m.bundle.manifest
+    h, w = man.preprocess.imgsz
+    return {"description": f"cvdeploy {m.name} v{m.version}", "author": "cvdeploy", "version": __version__, "task": man.task,
+            "stride": int(man.preprocess.stride), "batch": 1, "imgsz": [int(h), int(w)],
+            "names": {int(k): str(v) for k, v in man.names.items()}, "args": {"nms": False}}
+
+
+def _config(m: LoadedModel) -> dict[str, Any]:
+    eng = m.predictor.engine
+    return {
+        "name": m.name, "platform": "onnxruntime_onnx", "backend": "cvdeploy", "max_batch_size": 0,
+        "input": [{"name": i.name, "data_type": "TYPE_" + V2_TYPES.get(i.dtype, "FP32"),
+                   "dims": [-1 if d is None else d for d in i.shape]} for i in eng.inputs],
+        "output": [{"name": o.name, "data_type": "TYPE_" + V2_TYPES.get(o.dtype, "FP32"),
+                    "dims": [-1 if d is None else d for d in o.shape]} for o in eng.outputs],
+        "dynamic_batching": {"max_queue_delay_microseconds": int(m.batcher.max_delay * 1e6),
+                             "preferred_batch_size": [m.batcher.max_batch]},
+        "instance_group": [{"count": m.batcher.instances, "kind": "KIND_CPU" if "CPU" in eng.provider.upper() else "KIND_GPU"}],
+        "parameters": {"metadata": {"string_value": repr(_ultralytics_metadata(m))}},
+    }
+
+
+
+def register(app: FastAPI, repo: Repository) -> None:
+    """Add the v2 routes to `app`."""
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {"name": "cvdeploy", "version": __version__, "extensions": EXTENSIONS}
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        ok = app.state.ready and bool(repo.names())
+        return Response(status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict:
+        m = repo.get(name, version)
+        meta = _metadata(m)
+        meta["versions"] = repo.versions(name)
+        return meta
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        repo.get(name, version)
+        return Response(status_code=200)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> dict:
+        return _config(repo.get(name, version))
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        m = repo.get(name, version)
+        async with inference_scope(repo, m, request, "v2") as record:
+            limit = repo.settings.max_body_bytes
+            with m.batcher.expect(1):  # a batch forming meanwhile may wait for this one
+                raw = await read_body(request, limit, timeout=repo.settings.body_timeout_s, budget=repo.budget, lease=record.lease)
+                body = record.body = decompress(raw, request.headers.get("content-encoding"), limit)
+                if len(body) > len(raw):  # inflated: charge what it became
+                    repo.budget.admit(record.lease, (len(body) - len(raw)) * repo.budget.weight(request.headers.get("content-type")))
+                req = parse_request(body, request.headers.get(HEADER))
+            outputs = await _infer_tensors(m, req)
+            payload, head_len = encode_response(m.name, m.version, req.id, outputs, req.outputs, req.binary_output)
+        if head_len is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(head_len)})
+
+    async def _infer_tensors(m: LoadedModel, req: Any) -> dict[str, np.ndarray]:
+        spec = m.predictor.engine.inputs[0]
+        if len(req.inputs) != 1:
+            raise InputError(f"the model takes one input ({spec.name!r} as FP32 NCHW, or 'image' as BYTES), got {len(req.inputs)}")
+        (name, arr), = req.inputs.items()
+        if req.datatypes[name] == "BYTES":
+            if arr.ndim != 1 or arr.size < 1:
+                raise InputError(f"input {name!r}: BYTES images must have shape [n] with n >= 1, got {list(arr.shape)}")
+            if arr.size > repo.settings.max_batch * 4:
+                raise InputError(f"input {name!r}: at most {repo.settings.max_batch * 4} images per request, got {arr.size}")
+            results = await detect_images(repo, m, [bytes(b) for b in arr.reshape(-1)], m.predictor.options)
+            out = np.empty(len(results), dtype=object)
+            out[:] = [json.dumps(r).encode() for r in results]
+            return {"detections": out}
+        if name != spec.name:
+            raise InputError(f"unknown input {name!r}; the model takes {spec.name!r} (FP32) or 'image' (BYTES)")
+        if req.datatypes[name] != V2_TYPES.get(spec.dtype, "FP32"):
+            raise InputError(f"input {name!r}: datatype {req.datatypes[name]}, the model takes {V2_TYPES.get(spec.dtype, 'FP32')}")
+        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape, strict=True)):
+            raise InputError(f"input {name!r}: shape {list(arr.shape)} does not fit the model's {[-1 if d is None else d for d in spec.shape]}")
+        side = min(4096, int(max(m.predictor.spec.imgsz) * repo.settings.max_input_scale))  # bounds the engine's memory
+        if arr.shape[0] < 1 or arr.shape[0] > repo.settings.max_batch * 4 or min(arr.shape[2:]) < 32 or max(arr.shape[2:]) > side \
+                or arr.shape[2] % m.predictor.spec.stride or arr.shape[3] % m.predictor.spec.stride:
+            raise InputError(f"input {name!r}: shape {list(arr.shape)}: batch 1..{repo.settings.max_batch * 4}, sides 32..{side} "
+                             f"and multiples of {m.predictor.spec.stride}")
+        tensor = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(tensor).all():
+            raise InputError(f"input {name!r} holds inf or NaN")
+        return (await run_model(m, tensor, repo.settings.request_timeout_s)).outputs
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> list:
+        return repo.index()
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(name: str, request: Request) -> Response:
+        try:
+            versions = await repo.load(name)
+        except NotFoundError:
+            audit(repo, request, "load_model", "not_found", name)
+            raise
+        except CvdeployError as e:
+            audit(repo, request, "load_model", "failure", name)
+            raise InputError(f"could not load {name!r}; the version that was serving still serves: {e}") from None
+        audit(repo, request, "load_model", "success", f"{name}@{','.join(versions)}")
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str, request: Request) -> Response:
+        try:
+            await repo.unload(name)
+        except NotFoundError:
+            audit(repo, request, "unload_model", "not_found", name)
+            raise
+        audit(repo, request, "unload_model", "success", name)
+        return Response(status_code=200)
+
