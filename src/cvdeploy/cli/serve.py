@@ -17,32 +17,38 @@ def serve(
     repository: Path | None = typer.Option(None, help="A model repository: DIR/<model>/<version>/ bundles."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 exposes the server to the network)."),
     port: int = typer.Option(8000, min=0, max=65535),
-    max_batch: int = typer.Option(8, min=1, help="Largest batch the dynamic batcher forms."),
-    max_delay_ms: float = typer.Option(5.0, min=0.0, help="Longest a request waits for others to join its batch."),
-    instances: int = typer.Option(1, min=1, help="Engine instances per model, each with its own session, running batches in parallel."),
+    config: Path | None = typer.Option(None, help="Server settings from a file (JSON, TOML or YAML; names as in "
+                                       "`cvdeploy.serve.settings.ServeSettings`); CVDEPLOY_SERVE_* variables and flags override it."),
+    max_batch: int | None = typer.Option(None, min=1, help="Largest batch the dynamic batcher forms [default: 8]."),
+    max_delay_ms: float | None = typer.Option(None, min=0.0, help="Longest a request waits for others to join its batch [default: 5]."),
+    instances: int | None = typer.Option(None, min=1, help="Engine instances per model, each with its own session, running batches "
+                                         "in parallel [default: 1]."),
     threads: int | None = typer.Option(None, min=0, help="Engine threads per instance (default: the bundle's tuned setting "
                                        "for one instance, the cores split evenly among several)."),
-    max_queue: int = typer.Option(256, min=1, help="Requests a model may hold waiting; beyond, 503 with Retry-After."),
-    timeout: float = typer.Option(30.0, min=0.1, help="Per-request timeout in seconds (504 past it)."),
-    max_body_mb: float = typer.Option(32.0, min=0.001, help="Largest request body (413 past it)."),
-    max_megapixels: float = typer.Option(40.0, min=0.01, help="Largest decoded image (decompression-bomb guard)."),
-    header_timeout: float = typer.Option(10.0, min=0.1, help="Seconds a request's headers may take to arrive; the connection "
-                                         "is closed past it (slow-header clients)."),
-    body_timeout: float = typer.Option(60.0, min=0.1, help="Seconds a request's body may take to arrive (408 past it)."),
-    keep_alive_timeout: float = typer.Option(5.0, min=0.1, help="Seconds an idle keep-alive connection is kept open."),
-    max_connections: int = typer.Option(1000, min=1, help="Open connections at most; new ones beyond are closed at once."),
-    max_inflight_mb: float = typer.Option(512.0, min=1.0, help="Request memory held at once (bodies weighted by what they "
-                                          "become: JSON x12, binary x3); beyond, 503 with Retry-After."),
+    max_queue: int | None = typer.Option(None, min=1, help="Requests a model may hold waiting; beyond, 503 with Retry-After [default: 256]."),
+    timeout: float | None = typer.Option(None, min=0.1, help="Per-request timeout in seconds (504 past it) [default: 30]."),
+    max_body_mb: float | None = typer.Option(None, min=0.001, help="Largest request body (413 past it) [default: 32]."),
+    max_megapixels: float | None = typer.Option(None, min=0.01, help="Largest decoded image (decompression-bomb guard) [default: 40]."),
+    header_timeout: float | None = typer.Option(None, min=0.1, help="Seconds a request's headers may take to arrive; the "
+                                                "connection is closed past it (slow-header clients) [default: 10]."),
+    body_timeout: float | None = typer.Option(None, min=0.1, help="Seconds a request's body may take to arrive (408 past it) "
+                                              "[default: 60]."),
+    keep_alive_timeout: float | None = typer.Option(None, min=0.1, help="Seconds an idle keep-alive connection is kept open "
+                                                    "[default: 5]."),
+    max_connections: int | None = typer.Option(None, min=1, help="Open connections at most; new ones beyond are closed at once "
+                                               "[default: 1000]."),
+    max_inflight_mb: float | None = typer.Option(None, min=1.0, help="Request memory held at once (bodies weighted by what they "
+                                                 "become: JSON x12, binary x3); beyond, 503 with Retry-After [default: 512]."),
     log_level: str = typer.Option("info", help="uvicorn log level; access logs are JSON lines on stderr."),
     tls_cert: Path | None = typer.Option(None, help="Server certificate (PEM): serve HTTPS only, TLS 1.2 or newer."),
     tls_key: Path | None = typer.Option(None, help="The certificate's private key (PEM)."),
     tls_client_ca: Path | None = typer.Option(None, help="CA (PEM) that client certificates must be signed by: mutual TLS."),
     audit_log: Path | None = typer.Option(None, help="Record inference access and model lifecycle in this tamper-evident log (SQLite)."),
     audit_key_file: Path | None = typer.Option(None, help="The audit log's key (32 bytes; see `cvdeploy security model-key`)."),
-    audit_sample: float = typer.Option(1.0, min=0.0, max=1.0, help="Share of inference requests recorded."),
+    audit_sample: float | None = typer.Option(None, min=0.0, max=1.0, help="Share of inference requests recorded [default: 1]."),
     audit_anchors: Path | None = typer.Option(None, help="Append a signed anchor of the audit log to this file (kept apart from "
                                               "the log) at start, every --audit-anchor-every seconds and at shutdown."),
-    audit_anchor_every: float = typer.Option(60.0, min=1.0, help="Seconds between audit anchors."),
+    audit_anchor_every: float | None = typer.Option(None, min=1.0, help="Seconds between audit anchors [default: 60]."),
     auth_keys: Path | None = typer.Option(None, help="Require authentication: the API key store (`cvdeploy security keys`)."),
     jwt_secret_file: Path | None = typer.Option(None, help="Also accept JWTs signed with this HMAC secret (or PEM public key)."),
     jwt_algorithm: str = typer.Option("HS256", help="The one JWT algorithm accepted (HS256, RS256, ES256, ...)."),
@@ -59,14 +65,19 @@ def serve(
         import uvicorn
 
         from cvdeploy.serve.app import build_repository, create_app, uvicorn_config
-        from cvdeploy.serve.repository import ServeSettings
+        from cvdeploy.serve.settings import MiB, ServeSettings
     except ImportError as e:
         raise fail(f"serving needs {e.name}: install it with `pip install 'cvdeploy[serve]'`") from None
-    settings = ServeSettings(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, instances=instances, threads=threads,
-                             request_timeout_s=timeout, max_body_bytes=int(max_body_mb * 1024 * 1024),
-                             max_pixels=int(max_megapixels * 1e6), audit_sample=audit_sample, header_timeout_s=header_timeout,
-                             body_timeout_s=body_timeout, keep_alive_timeout_s=keep_alive_timeout, max_connections=max_connections,
-                             max_inflight_bytes=int(max_inflight_mb * 1024 * 1024))
+    def scaled(value: float | None, unit: float) -> int | None:
+        return None if value is None else int(value * unit)
+
+    # Flags not given are None: the config file, CVDEPLOY_SERVE_* and then ServeSettings' own defaults decide.
+    settings = ServeSettings.load(
+        config, max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue, instances=instances, threads=threads,
+        request_timeout_s=timeout, max_body_bytes=scaled(max_body_mb, MiB), max_pixels=scaled(max_megapixels, 1e6),
+        audit_sample=audit_sample, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+        keep_alive_timeout_s=keep_alive_timeout, max_connections=max_connections, max_inflight_bytes=scaled(max_inflight_mb, MiB),
+        audit_anchors=str(audit_anchors) if audit_anchors is not None else None, audit_anchor_every_s=audit_anchor_every)
     if audit_log is not None:
         from cvdeploy.security.audit import AuditLog
         from cvdeploy.security.protect import load_key
@@ -74,9 +85,7 @@ def serve(
         if audit_key_file is None:
             raise fail("--audit-log needs --audit-key-file (the key that authenticates the log's chain)")
         settings.audit = AuditLog(audit_log, load_key(audit_key_file))
-        settings.audit_anchors = str(audit_anchors) if audit_anchors is not None else None
-        settings.audit_anchor_every_s = audit_anchor_every
-    elif audit_anchors is not None:
+    elif settings.audit_anchors is not None:
         raise fail("--audit-anchors needs --audit-log")
     if auth_keys is not None or jwt_secret_file is not None or auth_policy is not None:
         from cvdeploy.security.auth import AuthPolicy, JwtConfig, KeyStore

@@ -20,33 +20,7 @@ import numpy as np
 from cvdeploy.errors import InputError, NotFoundError
 from cvdeploy.serve.batcher import BatchStats, DynamicBatcher, Served
 from cvdeploy.serve.metrics import ServerMetrics
-
-
-@dataclass
-class ServeSettings:
-    max_batch: int = 8
-    max_delay_ms: float = 5.0
-    max_queue: int = 256
-    instances: int = 1
-    threads: int | None = None  # engine threads per instance; None: the bundle's hint with one instance, else cores // instances
-    request_timeout_s: float = 30.0
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    allowed_formats: tuple[str, ...] = ("jpeg", "png", "bmp", "webp", "tiff", "gif")
-    # Slow and idle clients, and memory (cvdeploy.serve.limits): each a `cvdeploy serve` flag.
-    header_timeout_s: float = 10.0  # a request's headers must arrive within this (from its first byte, or the connection)
-    body_timeout_s: float = 60.0  # and its body within this (408 past it)
-    keep_alive_timeout_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_connections: int = 1000  # connections beyond are closed at once
-    max_inflight_bytes: int = 512 * 1024 * 1024  # weighted request bytes held at once (503 + Retry-After beyond)
-    max_input_scale: float = 4.0  # v2 tensors: each side at most this many times the model's input size (and 4096)
-    warmup_runs: int = 2
-    audit: Any = None  # a cvdeploy.security.audit.AuditLog, or None
-    audit_sample: float = 1.0  # share of inference requests recorded (privileged actions always are)
-    audit_anchors: str | None = None  # a file apart from the log that receives signed anchors (cvdeploy.security.audit)
-    audit_anchor_every_s: float = 60.0
-    auth: Any = None  # a cvdeploy.security.auth.AuthPolicy, or None (no authentication: keep the server on loopback)
-    public_key: Any = None  # an ed25519 public key (cvdeploy.bundle.signing.load_public_key): serve only bundles it signed
+from cvdeploy.serve.settings import ServeSettings
 
 
 @dataclass
