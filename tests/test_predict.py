@@ -80,18 +80,49 @@ def test_a_list_is_batched_and_matches_one_by_one(predictor: Predictor, val_imag
         assert abs(len(r.detections) - len(single.detections)) <= 1
 
 
-def test_max_batch_chunks_the_engine_calls(demo_bundle: Path, val_images: list[Path]) -> None:
+def test_max_batch_chunks_the_engine_calls(demo_bundle: Path, val_images: list[Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Five different pictures, each pasted (undistorted) on a gray canvas of one shape: a same-shape chunk is
+    # letterboxed exactly like a single image (minimal padding), so every batched result must equal predicting
+    # that image alone. (Mixed shapes would be letterboxed square in a batch: see the test above.)
+    paths = []
+    for i, src in enumerate(val_images[:5]):
+        image = cv2.imread(str(src))
+        canvas = np.full((384, 480, 3), 114, np.uint8)
+        canvas[: image.shape[0], : image.shape[1]] = image
+        paths.append(tmp_path / f"{i}-{src.stem}.png")  # PNG: lossless, the pixels read back are the ones written
+        cv2.imwrite(str(paths[-1]), canvas)
     p = Predictor(demo_bundle, max_batch=2)
-    results = p.predict(val_images[:5])
-    assert len(results) == 5
+    assert p.max_batch == 2
+    batch_sizes: list[int] = []
+    real_run = p.engine.run  # the real ONNX Runtime engine, counted on its way through
+
+    def counting_run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (tensor,) = feeds.values()
+        batch_sizes.append(tensor.shape[0])
+        return real_run(feeds)
+
+    monkeypatch.setattr(p.engine, "run", counting_run)
+    results = p.predict(paths)
+    assert batch_sizes == [2, 2, 1]  # chunks of at most max_batch, in order, and nothing run twice
+    assert [r.source for r in results] == [str(q) for q in paths]
+    singles = [p.predict(q) for q in paths]
+    assert batch_sizes[3:] == [1] * 5
+    for r, alone in zip(results, singles, strict=True):
+        assert r.orig_shape == alone.orig_shape == (384, 480)
+        assert len(r.detections) > 0
+        _same(r, alone)  # same boxes in the same order (sorted by confidence), same classes
+    # No image's detections leaked into its neighbour's result: the five pictures differ, so do their results.
+    assert len({tuple(np.round(r.detections.xyxy[0], 1)) for r in results}) == 5
 
 
 def test_every_result_carries_stage_timings(predictor: Predictor, val_images: list[Path]) -> None:
     r = predictor.predict(val_images[1])
     t = r.timings.to_dict()
-    assert set(t) == {"decode", "preprocess", "infer", "postprocess", "total"}
-    assert all(v > 0 for v in t.values())
-    assert t["total"] == pytest.approx(t["decode"] + t["preprocess"] + t["infer"] + t["postprocess"], abs=0.01)
+    assert set(t) == {"decode", "preprocess", "queue", "infer", "postprocess", "total"}
+    assert t["queue"] == 0.0  # no batcher in front of a Predictor: nothing waits for a batch
+    assert all(t[s] > 0 for s in ("decode", "preprocess", "infer", "postprocess", "total")), t
+    assert t["total"] == pytest.approx(t["decode"] + t["preprocess"] + t["queue"] + t["infer"] + t["postprocess"], abs=0.01)
 
 
 def test_async_predict(predictor: Predictor, val_images: list[Path]) -> None:

@@ -6,16 +6,21 @@ import os
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before any ultralytics import: no hub, font or asset download
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ultralytics.data.augment import LetterBox
 from ultralytics.engine.predictor import BasePredictor
+from ultralytics.utils.ops import scale_boxes as ul_scale_boxes
 
 from cvdeploy.errors import InputError
 from cvdeploy.vision.letterbox import LetterboxSpec, letterbox, letterbox_params, preprocess, to_tensor
+from cvdeploy.vision.postprocess import scale_boxes
 
 IMGSZ = [(256, 256), (640, 640), (320, 480)]
 
@@ -201,3 +206,83 @@ def test_letterbox_spec_error_says_what_is_wrong() -> None:
         LetterboxSpec(imgsz=(640, 640), stride=0)
     with pytest.raises(InputError, match="RGBA"):
         LetterboxSpec(imgsz=(640, 640), channel_order="RGBA")
+
+
+# --- property: letterbox geometry and the scale-back, for any image size ---------------------------------------
+
+_SIDE = st.integers(1, 4000)
+_SIZES = st.one_of(  # uniform sizes, and extreme aspect ratios on purpose: a side of a few pixels beside a long one
+    st.tuples(_SIDE, _SIDE),
+    st.tuples(st.integers(1, 8), st.integers(1000, 4000)),
+    st.tuples(st.integers(1000, 4000), st.integers(1, 8)),
+)
+_MULTIPLE = st.integers(1, 40).map(lambda k: 32 * k)  # 32 .. 1280
+_IMGSZ = st.one_of(_MULTIPLE.map(lambda s: (s, s)), st.tuples(_MULTIPLE, _MULTIPLE))
+_FRACTIONS = st.lists(st.tuples(*[st.floats(0, 1)] * 4), min_size=1, max_size=8)
+_PAD, _PICTURE = 114, 7  # the picture is one flat colour that is not the pad value: its footprint shows in the pixels
+
+
+def _float32_tolerance(input_side: int, gain: float, orig_side: int) -> float:
+    """How far a float32 round trip may drift, in original pixels.
+
+    The network's boxes are float32: a coordinate below `input_side` is stored to within input_side * 2**-24, and the
+    scale-back's subtraction adds as much; dividing by the gain turns input pixels into original ones, and the division
+    rounds once more (orig_side * 2**-24). Doubled for headroom. For ordinary sizes this is a few thousandths of a pixel;
+    it grows only where the gain is tiny (4000 pixels squeezed into 1), where float32 itself cannot say more.
+    """
+    return 2 * 2.0**-24 * (2 * input_side / gain + orig_side)
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(size=_SIZES, imgsz=_IMGSZ, rect=st.booleans(), inside=_FRACTIONS, anywhere=_FRACTIONS)
+def test_letterbox_shape_and_box_round_trip_for_any_size(size: tuple[int, int], imgsz: tuple[int, int], rect: bool,
+                                                         inside: list, anywhere: list) -> None:
+    h0, w0 = size
+    th, tw = imgsz
+    spec = LetterboxSpec(imgsz=imgsz, stride=32, pad_value=_PAD, rect=rect)
+    out, p = letterbox(np.full((h0, w0, 3), _PICTURE, np.uint8), spec)
+    height, width = out.shape[:2]
+    new_w, new_h = p.new_unpad
+
+    # Ultralytics' rules: keep the aspect ratio, fill the target on one side, never vanish below one pixel...
+    r = min(th / h0, tw / w0)
+    assert (new_w, new_h) == (max(round(w0 * r), 1), max(round(h0 * r), 1))
+    assert new_w == tw or new_h == th
+    # ...then pad to the minimal rectangle of stride multiples (rect), or to imgsz itself.
+    if rect:
+        assert (height, width) == (32 * math.ceil(new_h / 32), 32 * math.ceil(new_w / 32))
+        assert height <= th and width <= tw
+    else:
+        assert (height, width) == (th, tw)
+    assert p.input_shape == (height, width) and p.orig_shape == (h0, w0)
+    # Centred: the padding split in two, the odd pixel going below / right.
+    assert 0 <= (height - new_h - p.top) - p.top <= 1 and 0 <= (width - new_w - p.left) - p.left <= 1
+    # The same parameters as Ultralytics' own LetterBox computes for this image.
+    ref = LetterBox(imgsz, auto=rect, stride=32).get_params({"img": SimpleNamespace(shape=(h0, w0, 3))})
+    assert (p.top, p.left, p.new_unpad) == (ref["top"], ref["left"], tuple(ref["new_unpad"]))
+
+    # Where the picture landed, read from the pixels rather than from the parameters under test.
+    rows = np.flatnonzero((out[:, :, 0] == _PICTURE).any(1))
+    cols = np.flatnonzero((out[:, :, 0] == _PICTURE).any(0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    assert (r0, r1 - r0, c0, c1 - c0) == (p.top, new_h, p.left, new_w)
+    assert (out[r0:r1, c0:c1] == _PICTURE).all() and (out == _PAD).sum() == 3 * (height * width - new_h * new_w)
+
+    # Boxes in the original image -> the network input (by that footprint) as float32, as a model outputs them -> back.
+    gx, gy = (c1 - c0) / w0, (r1 - r0) / h0
+    xyxy = np.array([[min(a, b) * w0, min(c, d) * h0, max(a, b) * w0, max(c, d) * h0] for a, c, b, d in inside])
+    net = (xyxy * [gx, gy, gx, gy] + [c0, r0, c0, r0]).astype(np.float32)
+    back = scale_boxes(net, p)
+    assert back.dtype == np.float32
+    tol_x, tol_y = _float32_tolerance(width, gx, w0), _float32_tolerance(height, gy, h0)
+    np.testing.assert_allclose(back[:, [0, 2]], xyxy[:, [0, 2]], rtol=0, atol=tol_x)
+    np.testing.assert_allclose(back[:, [1, 3]], xyxy[:, [1, 3]], rtol=0, atol=tol_y)
+    theirs = ul_scale_boxes(p.input_shape, net.copy(), p.orig_shape)  # Ultralytics, from the input shape alone
+    np.testing.assert_allclose(back, theirs, rtol=0, atol=max(tol_x, tol_y))
+
+    # A box anywhere in the input, padding included, comes back inside the image, corners in order.
+    net = np.array([[min(a, b) * width, min(c, d) * height, max(a, b) * width, max(c, d) * height] for a, c, b, d in anywhere],
+                   np.float32)
+    back = scale_boxes(net, p)
+    assert (back >= 0).all() and (back[:, [0, 2]] <= w0).all() and (back[:, [1, 3]] <= h0).all()
+    assert (back[:, 0] <= back[:, 2]).all() and (back[:, 1] <= back[:, 3]).all()

@@ -147,7 +147,7 @@ def test_to_dict_is_json_ready() -> None:
 
 def test_to_dict_timings_include_total() -> None:
     t = _result().to_dict()["timings_ms"]
-    assert set(t) == {"decode", "preprocess", "infer", "postprocess", "total"}
+    assert set(t) == {"decode", "preprocess", "queue", "infer", "postprocess", "total"}
     assert t["total"] == pytest.approx(1.2 + 0.5 + 10.25 + 0.3333, abs=1e-3)
     assert t["postprocess"] == 0.333
 

@@ -212,15 +212,20 @@ class DynamicBatcher:
                 logging.getLogger("cvdeploy.serve").exception("batch formation failed")
                 continue
             live = [it for it in batch if not it.future.cancelled()]
-            if not live:
-                continue
             self._busy += 1
             try:
-                await self._run_batch(loop, run, live)
+                if live:
+                    await self._run_batch(loop, run, live)
+            except Exception as e:  # anything past the engine call (a metrics callback, a malformed output): the batch's
+                # callers learn it, and the worker lives on for the next batch
+                logging.getLogger("cvdeploy.serve").exception("a batch failed after the engine ran")
+                for it in live:
+                    if not it.future.done():
+                        it.future.set_exception(EngineError(f"the batch failed: {type(e).__name__}: {e}"))
             finally:
                 self._busy -= 1
                 if not self._busy and not self.depth and self._idle is not None:
-                    self._idle.set()
+                    self._idle.set()  # even when every request of the batch was cancelled: stop() waits on this
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, run: Callable[[np.ndarray], dict[str, np.ndarray]],
                          live: list[_Item]) -> None:
@@ -245,7 +250,10 @@ class DynamicBatcher:
                     it.future.set_exception(e)
             return
         if self._on_batch:
-            self._on_batch(BatchStats(rows, t0 - min(it.enqueued for it in live), t1 - t0))
+            try:
+                self._on_batch(BatchStats(rows, t0 - min(it.enqueued for it in live), t1 - t0))
+            except Exception:  # the inference succeeded: a broken metrics callback must not cost its callers their answer
+                logging.getLogger("cvdeploy.serve").exception("the on_batch callback failed")
         start = 0
         for it in live:
             k = it.tensor.shape[0]

@@ -215,7 +215,9 @@ def encode_response(model: str, version: str, req_id: str | None, outputs: dict[
             raw = b"".join(len(e).to_bytes(4, "little") + e for e in elems)
             data: Any = [e.decode("utf-8", "replace") for e in elems]
         else:
-            dt = NP_TO_V2[arr.dtype.name]
+            dt = NP_TO_V2.get(arr.dtype.name)
+            if dt is None:  # a model output of a type v2 has no name for (e.g. numpy strings)
+                raise OutputNotRepresentableError(f"output {name!r} has dtype {arr.dtype.name}, which the v2 protocol cannot carry")
             raw = np.ascontiguousarray(arr).tobytes()
             data = arr.reshape(-1).tolist()
         item: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
