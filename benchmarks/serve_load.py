@@ -160,12 +160,16 @@ class _Conn:
 
 
 async def load(url: str, model: str, images: list[bytes], concurrency: int, requests: int | None, seconds: float | None,
-               on_sample=None, verify=None, headers=None) -> dict[str, float]:
+               on_sample=None, verify=None, headers=None, path: str | None = None,
+               content_type: str = "image/jpeg") -> dict[str, float]:
+    """`requests` (or `seconds` of) POSTs of `images` (bodies as given) to `path` (default: cvdeploy's image API for
+    `model`) over `concurrency` keep-alive connections; throughput, p50, p99, errors and the generator's CPU."""
     from urllib.parse import urlsplit
 
     host = urlsplit(url).netloc
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    prepared = [(f"POST /v1/models/{model}/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+    target = path or f"/v1/models/{model}/predict"
+    prepared = [(f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
                  f"Content-Length: {len(b)}\r\n{extra}\r\n").encode() for b in images]
     lat: list[float] = []
     errors = 0
