@@ -399,3 +399,41 @@ def test_serve_with_a_public_key_serves_signed_bundles_only(demo_bundle: Path, s
     reload = httpx.post(f"{s.url}/v2/repository/models/{MODEL}/load", timeout=60)
     assert reload.status_code == 400 and "still serves" in reload.json()["error"]
     assert httpx.post(s.url + PREDICT, content=jpeg, timeout=60).status_code == 200
+
+
+def test_workers_share_one_port_and_stop_together(demo_bundle: Path, jpeg: bytes) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.serve.conftest import free_port
+
+    port = free_port()
+    parent = subprocess.Popen([sys.executable, "-m", "cvdeploy", "serve", str(demo_bundle), "--port", str(port), "--workers", "2",
+                               "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        children = [int(x) for x in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
+        assert len(children) == 2  # two server processes, one port
+        # A connection the kernel hands to a worker still warming up waits in its listen queue: no request fails.
+        codes = [httpx.post(f"http://127.0.0.1:{port}{PREDICT}", content=jpeg, headers={"Connection": "close"}, timeout=60).status_code
+                 for _ in range(12)]
+        assert codes == [200] * 12
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 0
+        assert not any(Path(f"/proc/{c}").exists() and "zombie" not in Path(f"/proc/{c}/status").read_text().lower()
+                       for c in children)  # the workers ended with it
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            os.waitpid(parent.pid, 0)
+    refused = subprocess.run([sys.executable, "-m", "cvdeploy", "serve", str(demo_bundle), "--port", "0", "--workers", "2"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "needs a fixed --port" in refused.stderr

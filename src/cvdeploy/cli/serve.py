@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -59,6 +60,9 @@ def serve(
                                            "(`cvdeploy sign`); unsigned or wrongly signed bundles are refused, at start and on reload."),
     key_file: Path | None = typer.Option(None, help="The model key of protected bundles (else $CVDEPLOY_MODEL_KEY_FILE, "
                                          "$CVDEPLOY_MODEL_KEY or $CVDEPLOY_MODEL_KEY_COMMAND)."),
+    workers: int = typer.Option(1, min=1, help="Server processes on the one port (SO_REUSEPORT: the kernel spreads connections), "
+                                "each with its own models and engines, the cores split among them: for many-core machines."),
+    reuse_port: bool = typer.Option(False, "--reuse-port", hidden=True, help="Bind with SO_REUSEPORT (what --workers gives each worker)."),
 ) -> None:
     """Serve bundles over HTTP: Open Inference Protocol v2 (Triton clients work), an image API and /metrics."""
     try:
@@ -111,6 +115,12 @@ def serve(
         os.environ[KEY_FILE_ENV] = str(key_file)  # where every Predictor of this process reads a protected bundle's key
     repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
     repo.preflight()  # a wrong or missing key, a tampered bundle: one line now, not a failed start
+    if workers > 1:
+        if audit_log is not None:
+            raise fail("--workers > 1 with --audit-log: the audit chain has one writer; run one worker per log, or --workers 1")
+        if port == 0:
+            raise fail("--workers > 1 needs a fixed --port (every worker binds the same one)")
+        raise typer.Exit(_supervise(workers, settings.instances, threads))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger("cvdeploy.access")
@@ -123,4 +133,75 @@ def serve(
     scheme = "https" if tls_cert else "http"
     console.print(f"serving {', '.join(repo.sources())} on {scheme}://{host}:{port}"
                   f"{' with mutual TLS' if tls_client_ca else ''} (models load and warm up before ready)")
+    if reuse_port:
+        uvicorn.Server(config).run(sockets=[_reuse_port_socket(host, port)])
+        return
     uvicorn.Server(config).run()
+
+
+def _reuse_port_socket(host: str, port: int) -> Any:
+    """A listening socket that other processes may bind too (SO_REUSEPORT): the kernel spreads new connections."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise fail("--workers needs SO_REUSEPORT (Linux, BSD, macOS)")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock
+
+
+def _worker_argv(threads_each: int | None) -> list[str]:
+    """This command's own arguments for a worker: without --workers, with --reuse-port (and the threads it may use)."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a == "--workers":
+            skip = True
+            continue
+        if a.startswith("--workers="):
+            continue
+        args.append(a)
+    if threads_each is not None and not any(a == "--threads" or a.startswith("--threads=") for a in args):
+        args += ["--threads", str(threads_each)]
+    return [sys.executable, "-m", "cvdeploy", *args, "--reuse-port"]
+
+
+def _supervise(workers: int, instances: int, threads: int | None) -> int:
+    """Start `workers` copies of this server on the same port; forward SIGINT/SIGTERM; when one ends, end the others."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    each = None if threads is not None else max(1, (os.cpu_count() or 1) // (workers * instances))
+    procs = [subprocess.Popen(_worker_argv(each)) for _ in range(workers)]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    console.print(f"{workers} workers (pids {', '.join(str(p.pid) for p in procs)}), "
+                  f"{each or threads} engine thread(s) per instance", highlight=False)
+    code = 0
+    while any(p.poll() is None for p in procs):
+        ended = [p for p in procs if p.poll() is not None]
+        if ended and not stopping:  # one worker died: a half-served port is worse than none
+            code = next((p.returncode for p in ended if p.returncode), 1)
+            stop(signal.SIGTERM, None)
+        time.sleep(0.2)
+    return 0 if stopping else code
