@@ -46,7 +46,7 @@ def test_predict_json(demo_bundle: Path, image: Path) -> None:
     assert res["source"] == str(image) and res["detections"]
     d = res["detections"][0]
     assert set(d) == {"box", "confidence", "class_id", "class_name"} and set(d["box"]) == {"x1", "y1", "x2", "y2"}
-    assert set(res["timings_ms"]) == {"decode", "preprocess", "infer", "postprocess", "total"}
+    assert set(res["timings_ms"]) == {"decode", "preprocess", "queue", "infer", "postprocess", "total"}
 
 
 def test_predict_directory_saves_annotated_images(demo_bundle: Path, shapes_data: Path, tmp_path: Path) -> None:
@@ -156,7 +156,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert len(list((tmp_path / "demo" / "predictions").glob("*.jpg"))) == 3
     assert "annotated images" in p.stdout and "yolo11n-shapes" in p.stdout
     again = run("demo", "--out", tmp_path / "demo", "--n", "2")  # the bundle is reused, not rebuilt
-    assert again.returncode == 0 and "using the demo bundle" in again.stdout
+    assert again.returncode == 0 and "using the demo bundle" in again.stderr  # a note: stderr, the table is the result
     assert len(list((tmp_path / "demo" / "predictions").iterdir())) == 2  # only this run's images
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.bundle.bundle import MANIFEST, Bundle, sha256_file, write_golden, write_manifest
+from cvdeploy.bundle.bundle import MANIFEST, Bundle, set_bundle_modes, sha256_file, write_golden, write_manifest
 from cvdeploy.bundle.environment import capture
 from cvdeploy.bundle.manifest import (
     GoldenCase,
@@ -114,12 +114,14 @@ def build_bundle(
     score_tolerance: float = DEFAULT_SCORE_TOLERANCE,
     force: bool = False,
     on_step: Callable[[str], None] | None = None,
+    private: bool = False,
 ) -> Bundle:
     """Export `model` (.pt) to ONNX FP32 and write a bundle directory at `out`; return it loaded.
 
     The ONNX graph takes dynamic batch and spatial sizes and has no NMS inside. Its outputs on
     the golden inputs must match the torch model's within `score_tolerance` on class scores,
-    or the build fails and nothing is written.
+    or the build fails and nothing is written. The bundle is readable by every user (directories
+    0755, files 0644), or by its owner only with `private` (0700, 0600).
     """
     src = Path(model)
     if not src.is_file():
@@ -238,6 +240,7 @@ def build_bundle(
             )
             engine.close()
             write_manifest(stage / MANIFEST, manifest)
+            set_bundle_modes(stage, private)  # the staging directory is mkdtemp's 0700: say what the bundle is
             if dest.exists():
                 shutil.rmtree(dest)
             stage.rename(dest)

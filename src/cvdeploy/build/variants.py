@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.bundle.bundle import Bundle, sha256_file
+from cvdeploy.bundle.bundle import Bundle, set_bundle_modes, sha256_file
 from cvdeploy.bundle.environment import BF16_FLAGS, cpu_info
 from cvdeploy.bundle.manifest import Variant
 from cvdeploy.errors import BundleError, InputError
@@ -469,6 +469,7 @@ def add_variants(
             manifest.variants[n].metrics["speedup_vs_fp32"] = round(record.variants["onnx-fp32"] / ms, 3)
     bundle.save_manifest()
     write_report(bundle, outcomes, time.perf_counter() - t_start)
+    set_bundle_modes(root)  # new files (mkdtemp staging, OpenVINO directories) as open or closed as the bundle
     return outcomes
 
 

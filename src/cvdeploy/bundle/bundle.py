@@ -8,6 +8,7 @@ edited model file. The same canonical bytes are what `cvdeploy sign` signs (see 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -65,6 +66,41 @@ def manifest_content_hash(raw: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_manifest_bytes(raw)).hexdigest()
 
 
+# File modes of a bundle. A plain bundle is readable by every user, so that a service running as another user (a
+# container's non-root user) can load it; a private one (`build --private`) and a protected one (encrypted variants)
+# are readable by their owner only. Set explicitly, not left to the umask or to tempfile's 0700 staging directories.
+PUBLIC_MODES = (0o755, 0o644)  # directories, files
+PRIVATE_MODES = (0o700, 0o600)
+
+
+def is_private(root: str | os.PathLike[str]) -> bool:
+    """True if the bundle directory `root` is closed to group and others (`build --private`, `protect`)."""
+    return not (Path(root).stat().st_mode & 0o077)
+
+
+def set_bundle_modes(root: str | os.PathLike[str], private: bool | None = None) -> None:
+    """Give every directory and file under `root` (itself included) the bundle modes: 0755/0644, or 0700/0600 when
+    `private`; `private=None` keeps what `root` is now (a bundle changed in place stays as open or closed as it was).
+    Symbolic links are left alone (a bundle holds none that cvdeploy wrote), and so are files of another owner that
+    this user may not chmod (a shared, group-writable bundle): what this user wrote gets the modes."""
+    top = Path(root)
+    if private is None:
+        private = is_private(top)
+    dir_mode, file_mode = PRIVATE_MODES if private else PUBLIC_MODES
+
+    def chmod(path: str, mode: int) -> None:
+        if not os.path.islink(path):
+            with contextlib.suppress(PermissionError):
+                os.chmod(path, mode)
+
+    for parent, dirs, files in os.walk(top):
+        for name in files:
+            chmod(os.path.join(parent, name), file_mode)
+        for name in dirs:
+            chmod(os.path.join(parent, name), dir_mode)
+    chmod(str(top), dir_mode)
+
+
 def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> str:
     """Write `manifest` to `path` (atomically) with its content hash; set `manifest.content_sha256` and return it.
 
@@ -78,6 +114,7 @@ def write_manifest(path: str | os.PathLike[str], manifest: Manifest) -> str:
     data[CONTENT_HASH] = digest
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.chmod(tmp, PRIVATE_MODES[1] if is_private(p.parent) else PUBLIC_MODES[1])  # as open as its bundle, whatever the umask
     os.replace(tmp, p)
     manifest.content_sha256 = digest
     return digest

@@ -9,10 +9,13 @@ from typing import Any
 
 import typer
 import typer.core
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cvdeploy.cli.app import app, console, fail
+from cvdeploy.cli.app import app, console, err_console, fail
+from cvdeploy.cli.output import fit_table, json_to_stdout, result_console, write_json
+from cvdeploy.cli.output import progress as progress_bar
 from cvdeploy.errors import InputError
 
 
@@ -76,9 +79,11 @@ def run(
     engine: bool = typer.Option(True, "--engine/--no-engine", help="Also time the engine alone (the raw figure)."),
     profile: Path | None = typer.Option(None, help="Also profile ops (ONNX Runtime) and save the trace here (.json)."),
     top: int = typer.Option(10, min=1, help="Rows in the op profile tables."),
-    as_json: Path | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),
+    as_json: Path | None = typer.Option(None, "--json", help="Write every figure to this JSON file; `--json -` prints it on "
+                                        "stdout instead (the tables then go to stderr)."),
 ) -> None:
     """Time BUNDLE end to end (JPEG bytes in, boxes out) and its engine alone, over a grid of settings."""
+    console = result_console(as_json)
     from cvdeploy.bench.harness import bench_engine, bench_pipelined, bench_sequential
     from cvdeploy.bundle.environment import cpu_info
     from cvdeploy.predict import Predictor
@@ -98,8 +103,8 @@ def run(
     plan = [(s, t, b, c) for s in sizes for t in thread_list for b in batches for c in concs]
     steps = len(plan) + (len(sizes) * len(thread_list) * len(batches) if engine else 0)
     rows: list[dict[str, Any]] = []
-    progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=True)
+    progress = progress_bar(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), transient=True)
     count = iterations if iterations is not None else None
     with progress:
         overall = progress.add_task("bench", total=steps)
@@ -127,7 +132,7 @@ def run(
                 model_name, variant_name, provider = predictor.bundle.name, predictor.variant, predictor.engine.provider
                 predictor.close()
 
-    console.print(results_tables(rows, f"{model_name} · {variant_name} · {provider}"))
+    console.print(results_tables(rows, f"{model_name} · {variant_name} · {provider}", console))
     console.print("warmup calls (1st ms: the first of them) are excluded from every percentile", style="dim")
     ratios = pipelining_ratios(rows)
     for key, ratio in ratios.items():
@@ -137,32 +142,36 @@ def run(
                               "machine": {"python": platform.python_version(), "cpu": cpu_info()}, "results": rows,
                               "pipelined_over_sequential": ratios}
     if profile is not None:
-        report["profile"] = _profile(bundle, variant, data, sizes[0], top, profile)
+        report["profile"] = _profile(bundle, variant, data, sizes[0], top, profile, console)
     if as_json is not None:
-        as_json.parent.mkdir(parents=True, exist_ok=True)
-        as_json.write_text(json.dumps(report, indent=2))
-        console.print(f"figures written to {as_json}")
+        write_json(as_json, report)
+        if not json_to_stdout(as_json):
+            console.print(f"figures written to {as_json}", highlight=False, soft_wrap=True)
 
 
-def results_tables(rows: list[dict[str, Any]], title: str) -> Any:
-    """Two tables: latency, throughput and resources; then the p50 time of each stage."""
+def results_tables(rows: list[dict[str, Any]], title: str, out: Console | None = None) -> Any:
+    """Two tables: latency, throughput and resources; then the p50 time of each stage (each split to fit `out`)."""
     from rich.console import Group
 
     key_cols = ("mode", "size", "thr", "b", "c")
-    lat = Table(title=title, title_style="bold")
-    stages = Table(title="stages, p50 ms per request", title_style="bold")
-    for col in (*key_cols, "p50 ms", "p90 ms", "p99 ms", "img/s", "1st ms", "cpu %", "rss MB"):
-        lat.add_column(col, justify="left" if col == "mode" else "right")
-    for col in (*key_cols, "decode", "pre", "queue", "infer", "post"):
-        stages.add_column(col, justify="left" if col == "mode" else "right")
+    lat_rows, stage_rows = [], []
     for r in rows:
         key = (r["mode"], str(r["imgsz"]), str(r["threads"] or "auto"), str(r["batch"]), str(r["concurrency"]))
         q = r["latency_ms"]
-        lat.add_row(*key, _fmt(q["p50"], 2), _fmt(q["p90"], 2), _fmt(q["p99"], 2), _fmt(r["throughput_ips"]),
-                    _fmt(r["warmup"]["first_ms"]), _fmt(r["cpu_percent"], 0), _fmt(r["peak_rss_mb"], 0))
+        lat_rows.append((*key, _fmt(q["p50"], 2), _fmt(q["p90"], 2), _fmt(q["p99"], 2), _fmt(r["throughput_ips"]),
+                         _fmt(r["warmup"]["first_ms"]), _fmt(r["cpu_percent"], 0), _fmt(r["peak_rss_mb"], 0)))
         st = r["stages_ms"]
-        stages.add_row(*key, *(_fmt(st[k]["p50"], 2) if k in st else "-" for k in ("decode", "preprocess", "queue", "infer", "postprocess")))
-    return Group(lat, stages)
+        stage_rows.append((*key, *(_fmt(st[k]["p50"], 2) if k in st else "-"
+                                   for k in ("decode", "preprocess", "queue", "infer", "postprocess"))))
+
+    def cols(names: tuple[str, ...]) -> list[tuple[str, str]]:
+        return [(c, "left" if c == "mode" else "right") for c in names]
+
+    out = out or console
+    return Group(fit_table(out, cols((*key_cols, "p50 ms", "p90 ms", "p99 ms", "img/s", "1st ms", "cpu %", "rss MB")), lat_rows,
+                           key=len(key_cols), title=title, title_style="bold"),
+                 fit_table(out, cols((*key_cols, "decode", "pre", "queue", "infer", "post")), stage_rows, key=len(key_cols),
+                           title="stages, p50 ms per request", title_style="bold"))
 
 
 def pipelining_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -177,12 +186,13 @@ def pipelining_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | None, top: int, trace: Path) -> dict[str, Any]:
+def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | None, top: int, trace: Path,
+             console: Console) -> dict[str, Any]:
     from cvdeploy.bench.profile import profile_variant
     from cvdeploy.predict import Predictor
     from cvdeploy.vision.image import load_image
 
-    with console.status("profiling ops (ONNX Runtime profiler)"):
+    with err_console.status("profiling ops (ONNX Runtime profiler)"):
         predictor = Predictor(bundle, variant, imgsz=size)
         tensor, _ = predictor.preprocess([load_image(data[0])])
         feeds = {predictor.engine.inputs[0].name: tensor}
@@ -193,17 +203,18 @@ def _profile(bundle: Path, variant: str | None, data: list[bytes], size: int | N
     head = f"{prof.node_ms_per_run:.2f} ms of kernel time per run, {prof.runs} runs"
     t = Table(title=f"slowest nodes · {head}", title_style="bold")
     for col in ("node", "op", "ms/run", "share"):
-        t.add_column(col, justify="left" if col in ("node", "op") else "right")
+        t.add_column(col, justify="left" if col in ("node", "op") else "right", overflow="fold")  # long names wrap, never cut
     for n in nodes:
         t.add_row(n.name, n.op_type, f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%")
     console.print(t)
     t = Table(title=f"op types · {head}", title_style="bold")
     for col in ("op type", "nodes", "ms/run", "share"):
-        t.add_column(col, justify="left" if col == "op type" else "right")
+        t.add_column(col, justify="left" if col == "op type" else "right", overflow="fold")
     for n in ops:
         t.add_row(n.op_type, str(n.calls), f"{n.ms_per_run:.3f}", f"{100 * n.share:.1f}%")
     console.print(t)
-    console.print(f"trace: {trace}" + ("" if kind == "openvino" else " (open in https://ui.perfetto.dev or chrome://tracing)"))
+    console.print(f"trace: {trace}" + ("" if kind == "openvino" else " (open in https://ui.perfetto.dev or chrome://tracing)"),
+                  highlight=False, soft_wrap=True)
     return prof.to_dict(top)
 
 
@@ -218,7 +229,8 @@ def layers_cmd(
     threads: int = typer.Option(0, min=0, help="ONNX Runtime intra-op threads (0: its default)."),
     top: int = typer.Option(15, min=1, help="Layers shown."),
     images: Path | None = typer.Option(None, help="Directory of images; the first one is fed (default: a generated JPEG)."),
-    as_json: Path | None = typer.Option(None, "--json", help="Write the comparison to this JSON file."),
+    as_json: Path | None = typer.Option(None, "--json", help="Write the comparison to this JSON file; `--json -` prints it on "
+                                        "stdout instead (the tables then go to stderr)."),
 ) -> None:
     """Profile two variants op by op and set them side by side, by layer and by kind of op.
 
@@ -229,6 +241,8 @@ def layers_cmd(
     from cvdeploy.bundle.environment import cpu_info
     from cvdeploy.predict import Predictor
     from cvdeploy.vision.image import load_image
+
+    console = result_console(as_json)
 
     first = Predictor(bundle, "onnx-fp32" if variants is None else variants.split(",")[0].strip(), imgsz=imgsz)
     known = list(first.bundle.manifest.variants)
@@ -246,7 +260,7 @@ def layers_cmd(
     tensor, _ = first.preprocess([load_image(bench_images(images, n=1)[0])])
     feeds = {first.engine.inputs[0].name: tensor}
     first.close()
-    with console.status("profiling") as status:
+    with err_console.status("profiling") as status:
         cmp_, per_round = profile_pair(first.bundle, pair[0], pair[1], feeds, rounds=rounds, runs=runs, threads=threads,
                                        on_step=lambda s: status.update(f"profiling · {s}"))
     a, b = pair
@@ -254,13 +268,13 @@ def layers_cmd(
     t = Table(title=f"{first.bundle.name} · input {shape} · kernel ms per run, medians of {rounds} rounds of {runs} runs",
               title_style="bold")
     for col in ("layer", a, b, f"{b} speed-up"):
-        t.add_column(col, justify="left" if col == "layer" else "right")
+        t.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
     for name, ta, tb in cmp_.layers[:top]:
         t.add_row(name, f"{ta:.3f}", f"{tb:.3f}", f"{ta / tb:.2f}x" if ta > 0 and tb > 0 else "-")
     console.print(t)
     t = Table(title="by kind of op", title_style="bold")
     for col in ("kind", a, b, f"{b} speed-up"):
-        t.add_column(col, justify="left" if col == "kind" else "right")
+        t.add_column(col, justify="left" if col == "kind" else "right", overflow="fold")
     for kind, (ta, tb) in cmp_.categories.items():
         t.add_row(kind, f"{ta:.3f}", f"{tb:.3f}", f"{ta / tb:.2f}x" if ta > 0 and tb > 0 else "-")
     t.add_row("[bold]all[/]", f"{cmp_.totals[0]:.3f}", f"{cmp_.totals[1]:.3f}", f"{cmp_.speedup():.2f}x")
@@ -274,10 +288,11 @@ def layers_cmd(
         console.print("this CPU has no VNNI, AMX or dot-product instructions: its 8-bit multiply-adds run at about the "
                       "rate of its FP32 FMAs, so INT8 buys size more than speed here.", highlight=False)
     if as_json is not None:
-        as_json.parent.mkdir(parents=True, exist_ok=True)
-        as_json.write_text(json.dumps({**cmp_.to_dict(), "input": list(tensor.shape), "rounds": rounds, "runs": runs,
-                                       "convolution_speedup_per_round": [round(x, 3) for x in per_round],
-                                       "precisions": precisions, "cpu": cpu_info()}, indent=2))
+        write_json(as_json, {**cmp_.to_dict(), "input": list(tensor.shape), "rounds": rounds, "runs": runs,
+                             "convolution_speedup_per_round": [round(x, 3) for x in per_round],
+                             "precisions": precisions, "cpu": cpu_info()})
+        if not json_to_stdout(as_json):
+            console.print(f"comparison written to {as_json}", highlight=False, soft_wrap=True)
 
 
 @bench_app.command("tune")
@@ -290,7 +305,8 @@ def tune_cmd(
     per_round: int = typer.Option(3, min=1, help="Timed runs per candidate per round."),
     images: Path | None = typer.Option(None, help="Directory of images to feed (default: generated JPEGs)."),
     save: bool = typer.Option(True, "--save/--dry-run", help="Store the winner in the bundle (or only print it)."),
-    as_json: Path | None = typer.Option(None, "--json", help="Write every trial to this JSON file."),
+    as_json: Path | None = typer.Option(None, "--json", help="Write every trial to this JSON file; `--json -` prints it on "
+                                        "stdout instead (the table then goes to stderr)."),
     variants: bool = typer.Option(True, "--variants/--no-variants", help="Also time every verified variant here, "
                                   "interleaved, and store the figures: the Predictor picks the fastest verified variant from them."),
 ) -> None:
@@ -301,6 +317,8 @@ def tune_cmd(
     from cvdeploy.predict import Predictor
     from cvdeploy.vision.image import load_image
 
+    console = result_console(as_json)
+
     predictor = Predictor(bundle, variant)
     kind = predictor.bundle.manifest.variants[predictor.variant].engine
     if save and predictor.bundle.root is None:
@@ -309,13 +327,13 @@ def tune_cmd(
     tensor, _ = predictor.preprocess([load_image(data[k % len(data)]) for k in range(batch)])
     path, name = predictor.bundle.variant_path(predictor.variant), predictor.variant
     predictor.close()
-    with console.status("tuning") as status:
+    with err_console.status("tuning") as status:
         result = tune(path, tensor, concurrency=concurrency, rounds=rounds, per_round=per_round,
                       on_step=lambda s: status.update(f"tuning · {s}"), engine_kind=kind,
                       precision=predictor.bundle.manifest.variants[name].precision)
     table = Table(title=f"{predictor.bundle.name} · {name} · batch {batch} · concurrency {concurrency}", title_style="bold")
     for col in ("#", "settings", "median ms / request", "vs default"):
-        table.add_column(col, justify="left" if col == "settings" else "right")
+        table.add_column(col, justify="left" if col == "settings" else "right", overflow="fold")
     shown = [(k, t) for k, t in enumerate(result.trials, 1) if k <= 10 or t is result.default]  # the default always shows
     for k, t in shown:
         table.add_row(str(k), describe(t.options) + ("  (default)" if t is result.default else ""), f"{t.median_ms:.2f}",
@@ -340,7 +358,7 @@ def tune_cmd(
         from cvdeploy.bench.latency import measure_here, store_record
         from cvdeploy.predict import variant_choice
 
-        with console.status("timing every verified variant here, interleaved"):
+        with err_console.status("timing every verified variant here, interleaved"):
             record = measure_here(b, how="bench tune")
         base = record.variants.get(b.manifest.default_variant)
         console.print("variants here (batch 1, interleaved): " + ", ".join(
@@ -351,12 +369,13 @@ def tune_cmd(
             b.save_manifest()
             console.print(f"the Predictor now chooses {variant_choice(b).name}: {variant_choice(b).reason}", highlight=False)
     if as_json is not None:
-        as_json.parent.mkdir(parents=True, exist_ok=True)
-        as_json.write_text(json.dumps({"hint": hint.model_dump(mode="json"), "trials": [t.to_dict() for t in result.trials],
-                                       "default": result.default.to_dict(), "chosen": result.chosen.to_dict(),
-                                       "confirmed_ms": round(result.confirmed_ms, 3),
-                                       "confirmed_default_ms": round(result.confirmed_default_ms, 3),
-                                       "speedup": round(result.speedup, 3)}, indent=2))
+        write_json(as_json, {"hint": hint.model_dump(mode="json"), "trials": [t.to_dict() for t in result.trials],
+                             "default": result.default.to_dict(), "chosen": result.chosen.to_dict(),
+                             "confirmed_ms": round(result.confirmed_ms, 3),
+                             "confirmed_default_ms": round(result.confirmed_default_ms, 3),
+                             "speedup": round(result.speedup, 3)})
+        if not json_to_stdout(as_json):
+            console.print(f"trials written to {as_json}", highlight=False, soft_wrap=True)
 
 
 @bench_app.command("sweep")
@@ -382,14 +401,14 @@ def sweep_cmd(
     import time
 
     t0 = time.perf_counter()
-    with console.status("sweep") as status:
+    with err_console.status("sweep") as status:
         result = sweep(model_list, data, sizes, names, out, budget_ms=budget, min_map=min_map, calib_images=calib_images,
                        on_step=lambda s: status.update(f"sweep · {s} · {time.perf_counter() - t0:.0f} s"))
     page, png = write_outputs(result, out)
     (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2))
     table = Table(title=f"sweep · budget {budget:g} ms" + ("" if min_map is None else f" · mAP floor {min_map:g}"), title_style="bold")
     for col in ("point", "mAP50-95", "ms b1", "front", "budget"):
-        table.add_column(col, justify="left" if col == "point" else "right")
+        table.add_column(col, justify="left" if col == "point" else "right", overflow="fold")
     front = {p.label for p in result.front}
     best = result.recommendation
     for p in sorted(result.points, key=lambda p: p.latency_ms):

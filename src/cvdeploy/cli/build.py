@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cvdeploy.cli.app import app, console, fail
+from cvdeploy.cli.output import progress as progress_bar
 
 
 @app.command()
@@ -29,9 +30,14 @@ def build(
     quantize_head: bool = typer.Option(False, help="Also quantize the YOLO head's decoding (for experiments: it ruins scores)."),
     int8_recipes: str | None = typer.Option(None, help="onnx-int8 recipes to try, comma-separated, from u8s8-w7, u8s8-w8, "
                                             "s8s8-asym (default: all; each is verified and timed here, the fastest verified wins)."),
+    private: bool = typer.Option(False, "--private", help="Make the bundle readable by its owner only (files 0600, directories "
+                                 "0700); by default it is readable by every user (0644, 0755), e.g. a container's non-root user."),
 ) -> None:
     """Export MODEL to ONNX FP32 (dynamic batch and size, no NMS), check it against the source, write the bundle;
-    then make, verify and add the optimized variants."""
+    then make, verify and add the optimized variants.
+
+    stdout gets the result (the bundle line, the variants table); progress goes to stderr, and the libraries' logs only
+    with --verbose."""
     import time
 
     from cvdeploy.build import BUILD_STEPS, build_bundle
@@ -56,8 +62,8 @@ def build(
     recipes = None if int8_recipes is None else [r.strip() for r in int8_recipes.split(",") if r.strip()]
     recipe_candidates(flags, calib_method, recipes)  # refuses unknown recipes and calibration methods now
 
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description:<16}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console)
+    progress = progress_bar(SpinnerColumn(), TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn())
     with progress:
         task = progress.add_task("build", total=len(BUILD_STEPS))
         seen: list[str] = []
@@ -68,47 +74,47 @@ def build(
             seen.append(step)
             progress.update(task, description=step)
 
-        bundle = build_bundle(model, output, imgsz=imgsz, name=name, images=images, force=force, on_step=on_step)
+        bundle = build_bundle(model, output, imgsz=imgsz, name=name, images=images, force=force, on_step=on_step,
+                              private=private)
         progress.update(task, completed=len(BUILD_STEPS), description="done")
     v = bundle.manifest.variants[bundle.manifest.default_variant]
     worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values()) if v.parity else float("nan")
     console.print(f"bundle [bold]{bundle.name}[/] written to {output} · onnx-fp32 {v.size_bytes / 1e6:.2f} MB · "
-                  f"max |Δ| class scores vs torch {worst:.1e}")
+                  f"max |Δ| class scores vs torch {worst:.1e}" + (" · private (owner only)" if private else ""), soft_wrap=True)
     extra = [v for v in wanted if v != "onnx-fp32"]
     if not extra and data is None:
         return
     from cvdeploy.build.variants import add_variants
     from cvdeploy.cli.info import variants_table
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        tasks: dict[str, int] = {}
-        last: dict[str, str] = {}
+    # One bar over the variants (the onnx-fp32 reference mAP with --data, each variant, the final interleaved timing),
+    # with the step under way: counts and an estimate of the time left, not a spinner per variant.
+    n_steps = (data is not None) + len(dict.fromkeys(extra)) + 1
+    with progress_bar(SpinnerColumn(), TextColumn("{task.description:<52}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), TimeRemainingColumn()) as progress:
+        overall = progress.add_task("variants", total=n_steps)
+        started: list[str] = []
 
         def on_variant_step(variant: str, step: str) -> None:
-            if variant not in tasks:
-                for other in tasks.values():
-                    progress.update(other, completed=progress.tasks[other].total)
-                tasks[variant] = progress.add_task(variant, total=None)
-            if last.get(variant):
-                progress.advance(tasks[variant])
-            last[variant] = step
-            progress.update(tasks[variant], description=f"{variant}: {step}")
+            if variant not in started:
+                if started:
+                    progress.advance(overall)
+                started.append(variant)
+            progress.update(overall, description=f"{variant}: {step}")
 
         outcomes = add_variants(output, ["onnx-fp32", *extra], data=data, calib_images=calib_images, calib_method=calib_method,
                                 max_map_drop=max_map_drop, quantize_head=quantize_head, int8_recipes=recipes,
                                 on_step=on_variant_step)
-        for t in tasks.values():
-            progress.update(t, total=progress.tasks[t].completed or 1, completed=progress.tasks[t].completed or 1)
+        progress.update(overall, completed=n_steps, description="variants: done")
     from cvdeploy.bundle.bundle import Bundle
 
     console.print(variants_table(Bundle.load(output).manifest))
     refused = [o for o in outcomes if not o.written]
     for o in outcomes:
         for line in o.tried:
-            console.print(f"  {o.name} {line}", highlight=False)
+            console.print(f"  {o.name} {line}", highlight=False, soft_wrap=True)
     for o in refused:
-        console.print(f"[bold red]not written:[/] {o.name}: {o.reason}", highlight=False)
+        console.print(f"[bold red]not written:[/] {o.name}: {o.reason}", highlight=False, soft_wrap=True)
     console.print(f"build took {time.perf_counter() - t0:.1f} s")
     if refused:
         raise typer.Exit(1)

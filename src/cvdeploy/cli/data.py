@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import Progress
 
 from cvdeploy.cli.app import app, console
+from cvdeploy.cli.output import progress as progress_bar
 
 data_app = typer.Typer(help="Datasets: generate the synthetic shapes set.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -23,8 +23,8 @@ def shapes(
     """Generate a deterministic YOLO-format shapes dataset (varied sizes, textured backgrounds, small objects)."""
     from cvdeploy.demo.shapes import generate_shapes
 
-    with Progress(console=console) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("shapes", total=n_train + n_val)
         data_yaml = generate_shapes(out, n_train=n_train, n_val=n_val, seed=seed,
                                     progress=lambda k: progress.advance(task, k))
-    console.print(f"dataset written: {data_yaml}")
+    console.print(f"dataset written: {data_yaml}", soft_wrap=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from cvdeploy.cli.app import app, console
+from cvdeploy.cli.app import app, console, err_console
+from cvdeploy.cli.output import progress as progress_bar
 
 
 @app.command()
@@ -17,9 +18,10 @@ def demo(
     n: int = typer.Option(8, min=1, max=500, help="Number of shapes images to generate and predict."),
     seed: int = typer.Option(7, min=0, help="Seed for the demo images (the model was trained on seed 0)."),
 ) -> None:
-    """Run the bundled YOLO11n shapes model end to end on freshly generated images."""
-    from rich.progress import Progress
+    """Run the bundled YOLO11n shapes model end to end on freshly generated images.
 
+    stdout gets the predictions table and where things were written; progress and notes go to stderr.
+    """
     from cvdeploy.cli.predict import results_table
     from cvdeploy.demo import DEMO_MODEL
     from cvdeploy.demo.shapes import generate_shapes
@@ -32,31 +34,35 @@ def demo(
     for stale in (data_dir, pred_dir):  # a previous run's images (maybe more, another seed) must not be mixed in
         if stale.exists():
             shutil.rmtree(stale)
-    with Progress(console=console) as progress:
+    with progress_bar() as progress:
         task = progress.add_task("generate images", total=n)
         generate_shapes(data_dir, n_train=0, n_val=n, seed=seed, progress=lambda k: progress.advance(task, k))
     if not _bundle_is_current(bundle_dir, DEMO_MODEL):
         from cvdeploy.build import BUILD_STEPS, build_bundle
 
-        with Progress(console=console) as progress:
+        with progress_bar() as progress:
             task = progress.add_task("build demo bundle", total=len(BUILD_STEPS))
             build_bundle(DEMO_MODEL, bundle_dir, name="yolo11n-shapes", force=bundle_dir.exists(),
                          on_step=lambda s: progress.update(task, advance=1, description=f"build: {s}"))
     else:
-        console.print(f"using the demo bundle in {bundle_dir}")
+        err_console.print(f"using the demo bundle in {bundle_dir}", highlight=False, soft_wrap=True)
     predictor = Predictor(bundle_dir)
     pred_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     import cv2
 
-    for f in sorted((data_dir / "images" / "val").iterdir()):
-        result = predictor.predict(f)
-        cv2.imwrite(str(pred_dir / f.name), draw(load_image(f), result))
-        h, w = result.orig_shape
-        rows.append((f.name, f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
+    files = sorted((data_dir / "images" / "val").iterdir())
+    with progress_bar(transient=True) as progress:
+        task = progress.add_task("predict", total=len(files))
+        for f in files:
+            result = predictor.predict(f)
+            cv2.imwrite(str(pred_dir / f.name), draw(load_image(f), result))
+            h, w = result.orig_shape
+            rows.append((f.name, f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
+            progress.advance(task)
     console.print(results_table(rows, title=f"{predictor.bundle.name} · {predictor.variant} · {predictor.engine.provider}"))
-    console.print(f"annotated images: {pred_dir.resolve()}")
-    console.print(f"bundle: {bundle_dir.resolve()}  (try: cvdeploy info {bundle_dir})")
+    console.print(f"annotated images: {pred_dir.resolve()}", soft_wrap=True)
+    console.print(f"bundle: {bundle_dir.resolve()}  (try: cvdeploy info {bundle_dir})", soft_wrap=True)
     console.print(f"done in {time.perf_counter() - t0:.1f} s")
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import cv2
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cvdeploy.cli.app import app, console, err_console, fail
+from cvdeploy.cli.output import progress as progress_bar
 from cvdeploy.errors import ImageDecodeError, InputError
 from cvdeploy.predict import Predictor
 from cvdeploy.vision.draw import draw
@@ -36,9 +39,13 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 
 def results_table(rows: list[tuple[str, str, str, str]], title: str | None = None) -> Table:
+    """One row per image: path, size, detections, ms. Paths and detections wrap (folding inside a long path) rather than
+    being cut, so that every cell reads in full at any terminal width."""
     table = Table(title=title, show_lines=False)
-    for col, justify in (("image", "left"), ("size", "right"), ("detections", "left"), ("ms", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("image", overflow="fold", ratio=3)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("detections", overflow="fold", ratio=2)
+    table.add_column("ms", justify="right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     return table
@@ -51,6 +58,21 @@ def save_path(save: Path, f: Path, used: set[str]) -> Path:
         name, k = f"{f.stem}-{k}.jpg", k + 1
     used.add(name)
     return save / name
+
+
+def summary_line(results: list[dict[str, Any]], n_files: int, wall_s: float, save: Path | None) -> str:
+    """`N image(s), M detection(s) (3 circle, 1 star), X ms mean per image, Y s in all[; annotated images: DIR]`; classes
+    by count, most frequent first; `N of T image(s)` when some could not be read."""
+    counts = Counter(d["class_name"] for r in results for d in r.get("detections") or [])
+    per_class = ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    n_dets = sum(counts.values())
+    mean = sum(r["timings_ms"]["total"] for r in results) / len(results) if results else 0.0
+    head = f"{len(results)} image(s)" if len(results) == n_files else f"{len(results)} of {n_files} image(s)"
+    line = (f"{head}, {n_dets} detection(s)" + (f" ({per_class})" if per_class else "")
+            + f", {mean:.1f} ms mean per image, {wall_s:.1f} s in all")
+    if save is not None:
+        line += f"; annotated images: {save}"
+    return line
 
 
 def _predict_one(predictor: Predictor, f: Path, n_files: int, out: list, rows: list, save: Path | None,
@@ -85,7 +107,10 @@ def predict(
     key_file: Path | None = typer.Option(None, "--key-file", help="The model key of a protected bundle (else "
                                          "$CVDEPLOY_MODEL_KEY_FILE, $CVDEPLOY_MODEL_KEY or $CVDEPLOY_MODEL_KEY_COMMAND)."),
 ) -> None:
-    """Detect objects in images; print a table (or JSON) and optionally save annotated images."""
+    """Detect objects in images; print a table and a summary line (or JSON) and optionally save annotated images.
+
+    stdout holds the table and the summary, or only the JSON with --json (the summary then goes to stderr).
+    """
     class_ids = None
     if classes:
         try:
@@ -102,20 +127,23 @@ def predict(
     predictor = Predictor(model, variant, conf=conf, iou=iou, max_det=max_det, classes=class_ids, model_key=model_key)
     if save:
         save.mkdir(parents=True, exist_ok=True)
-    out, rows, failed, used = [], [], 0, set()
+    out: list[dict[str, Any]] = []
+    rows: list[tuple[str, str, str, str]] = []
+    failed, used = 0, set()
+    t0 = time.perf_counter()
     # Progress goes to stderr (and vanishes when done) so that --json output stays clean.
-    progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err_console, transient=True, disable=len(files) < 2)
+    progress = progress_bar(transient=True, disable=len(files) < 2)
     task = progress.add_task("predict", total=len(files))
     with progress:
         for f in files:
             failed += _predict_one(predictor, f, len(files), out, rows, save, used)
             progress.advance(task)
+    line = summary_line(out, len(files), time.perf_counter() - t0, save)
     if as_json:
         print(json.dumps(out, indent=2))
+        err_console.print(line, highlight=False, soft_wrap=True)  # stdout holds only the JSON
     else:
         console.print(results_table(rows, title=f"{predictor.bundle.name} · {predictor.variant} · {predictor.engine.provider}"))
-        if save:
-            console.print(f"annotated images: {save}")
+        console.print(line, highlight=False, soft_wrap=True)
     if failed:
         raise fail(f"{failed} of {len(files)} image(s) could not be read")

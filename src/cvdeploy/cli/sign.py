@@ -16,12 +16,14 @@ def sign(
     key: Path = typer.Option(..., "--key", help="The ed25519 private key (PEM), from `cvdeploy security sign-key`."),
 ) -> None:
     """Sign the bundle's manifest (which holds every file's sha256) with ed25519; writes BUNDLE/signature.json."""
+    from cvdeploy.bundle.bundle import set_bundle_modes
     from cvdeploy.bundle.signing import public_key_path, sign_bundle
 
     sig = sign_bundle(bundle, key)
+    set_bundle_modes(bundle)  # signature.json as open (or private) as the bundle it signs, whatever the umask
     console.print(f"signed {bundle} with key {sig.key_fingerprint}: {bundle / 'signature.json'} written. Check it with "
                   f"`cvdeploy verify {bundle} --public-key {public_key_path(key)}`. Commands that rewrite the manifest (bench tune, "
-                  "adding variants) remove the signature: sign again after them", highlight=False)
+                  "adding variants) remove the signature: sign again after them", highlight=False, soft_wrap=True)
 
 
 @security_app.command("sign-key")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from cvdeploy.cli.app import app, console, fail
+from cvdeploy.cli.app import app, fail
+from cvdeploy.cli.output import fit_table, json_to_stdout, result_console, write_json
+from cvdeploy.cli.output import progress as progress_bar
 
 
 @app.command()
@@ -17,43 +17,61 @@ def verify(
     data: Path | None = typer.Option(None, help="data.yaml of the controlled dataset: also re-measure each variant's mAP."),
     map_tolerance: float = typer.Option(0.5, min=0.0, help="mAP50-95 points a variant may lose against its recorded figure."),
     provider: str | None = typer.Option(None, help="Execution provider to check with (default: the best present)."),
-    as_json: Path | None = typer.Option(None, "--json", help="Also write the checks to this JSON file."),
+    as_json: Path | None = typer.Option(None, "--json", help="Also write the checks to this JSON file; `--json -` prints them "
+                                        "on stdout instead (the table then goes to stderr)."),
     key_file: Path | None = typer.Option(None, help="The model key of a protected bundle (else $CVDEPLOY_MODEL_KEY_FILE, ...)."),
     public_key: Path | None = typer.Option(None, "--public-key", help="Require a valid signature by this ed25519 public key "
                                            "(PEM, from `cvdeploy security sign-key`); see `cvdeploy sign`."),
 ) -> None:
     """Re-check a bundle: its signature (with --public-key), file hashes, every variant's golden parity with this machine's
     engine, and its mAP."""
+    from cvdeploy.bundle.bundle import Bundle
     from cvdeploy.evaluate.verify import verify_bundle
+
+    console = result_console(as_json)
 
     if data is not None and not data.is_file():
         raise fail(f"--data: {data} not found")
     if public_key is not None:
-        from cvdeploy.bundle.bundle import Bundle
-
         # Before any parity run: an unsigned or re-written bundle is refused whatever its outputs are.
         signer = Bundle.load(bundle, public_key=public_key).signed_by
         console.print(f"signature: valid, by key {signer}", highlight=False)
-    with console.status("verifying") as status:
-        key = None
-        if key_file is not None:
-            from cvdeploy.security.protect import load_key
+    key = None
+    if key_file is not None:
+        from cvdeploy.security.protect import load_key
 
-            key = load_key(key_file)
+        key = load_key(key_file)
+    # Counted steps (golden parity, and mAP with --data, for each variant) with the time left, not a bare spinner.
+    n_variants = len(Bundle.load(bundle, check_hashes=False).manifest.variants)
+    with progress_bar() as progress:
+        task = progress.add_task("verifying", total=n_variants * (2 if data is not None else 1))
+        steps: list[str] = []
+
+        def on_step(variant: str, step: str) -> None:
+            if steps:
+                progress.advance(task)
+            steps.append(step)
+            progress.update(task, description=f"verifying {variant}: {step}")
+
         checks = verify_bundle(bundle, data=data, map_tolerance=map_tolerance, providers=(provider,) if provider else None,
-                               on_step=lambda v, s: status.update(f"verifying {v}: {s}"), model_key=key)
-    console.print(f"hashes: every variant and golden file of {bundle} matches its sha256")
-    table = Table(title=f"golden parity on {checks[0].provider}" + (" and mAP" if data else ""), title_style="bold")
-    for col in ("variant", "max |Δ| scores", "at build", "tolerance", "box agreement", "mAP50-95", "at build", "verdict"):
-        table.add_column(col, justify="left" if col in ("variant", "verdict") else "right")
-    for c in checks:
-        table.add_row(c.name, f"{c.max_abs_scores:.2e}", "-" if c.recorded_max_abs_scores is None else f"{c.recorded_max_abs_scores:.2e}",
-                      f"{c.tolerance:g}", f"{c.box_agreement:.0%}", "-" if c.map50_95 is None else f"{c.map50_95:.4f}",
-                      "-" if c.recorded_map50_95 is None else f"{c.recorded_map50_95:.4f}",
-                      "[green]ok[/]" if c.ok else "[bold red]DRIFTED[/]")
-    console.print(table)
+                               on_step=on_step, model_key=key)
+        progress.update(task, completed=progress.tasks[0].total, description="verified")
+    console.print(f"hashes: every variant and golden file of {bundle} matches its sha256", highlight=False, soft_wrap=True)
+    # The mAP columns only with --data: without a new measurement there is nothing to compare the recorded figure with.
+    rows = [(c.name, f"{c.max_abs_scores:.2e}", "-" if c.recorded_max_abs_scores is None else f"{c.recorded_max_abs_scores:.2e}",
+             f"{c.tolerance:g}", f"{c.box_agreement:.0%}",
+             *(("-" if c.map50_95 is None else f"{c.map50_95:.4f}",
+                "-" if c.recorded_map50_95 is None else f"{c.recorded_map50_95:.4f}") if data is not None else ()),
+             "[green]ok[/]" if c.ok else "[bold red]DRIFTED[/]") for c in checks]
+    names = ("variant", "max |Δ| scores", "at build", "tolerance", "box agreement",
+             *(("mAP50-95", "mAP at build") if data is not None else ()), "verdict")
+    columns = [(col, "left" if col in ("variant", "verdict") else "right") for col in names]
+    console.print(fit_table(console, columns, rows, title=f"golden parity on {checks[0].provider}" + (" and mAP" if data else ""),
+                            title_style="bold"))
     if as_json is not None:
-        as_json.write_text(json.dumps([c.to_dict() for c in checks], indent=2))
+        write_json(as_json, [c.to_dict() for c in checks])
+        if not json_to_stdout(as_json):
+            console.print(f"checks written to {as_json}", highlight=False, soft_wrap=True)
     for c in checks:
         if c.ok:
             for d in c.differences:

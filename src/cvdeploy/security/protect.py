@@ -319,7 +319,7 @@ def protect_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], key
     golden inputs; OpenVINO variants are encrypted only (their manifest entry says `obfuscated: false`). The copy has a
     new manifest, so a signature of `src` is not carried over: sign the protected bundle (`cvdeploy sign`).
     """
-    from cvdeploy.bundle.bundle import MANIFEST, SIGNATURE, Bundle, sha256_file, write_manifest
+    from cvdeploy.bundle.bundle import MANIFEST, SIGNATURE, Bundle, set_bundle_modes, sha256_file, write_manifest
 
     b = Bundle.load(src)
     if b.root is None:
@@ -336,6 +336,7 @@ def protect_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], key
         shutil.rmtree(stage)
     try:
         shutil.copytree(b.root, stage, ignore=shutil.ignore_patterns("variants", "report.html", SIGNATURE))
+        os.chmod(stage, 0o700)  # closed while it is written: copytree gave it the source bundle's (public) mode
         (stage / "variants").mkdir()
         m = b.manifest.model_copy(deep=True)
         for name, v in m.variants.items():
@@ -359,6 +360,7 @@ def protect_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], key
                     v.encryption = {**(v.encryption or {}), f"companion:{rel}": json.dumps(info)}
             v.companions = new_companions
         write_manifest(stage / MANIFEST, m)
+        set_bundle_modes(stage, private=True)  # a protected bundle is its owner's only: 0700 directories, 0600 files
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # nothing half-written is left next to the output
         raise
