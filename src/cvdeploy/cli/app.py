@@ -98,7 +98,22 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
-    from cvdeploy.cli import audit, bench, build, client, data, demo, info, predict, protect, security, serve, sign, verify  # noqa: F401  (register the commands)
+    from cvdeploy.cli import (  # noqa: F401  (register the commands)
+        audit,
+        bench,
+        build,
+        client,
+        data,
+        demo,
+        doctor,
+        info,
+        predict,
+        protect,
+        security,
+        serve,
+        sign,
+        verify,
+    )
 
     debug = _debug()
     try:
