@@ -22,7 +22,7 @@ SEVERITY_ORDER = {"serious": 0, "warning": 1, "info": 2, "ok": 3}
 @dataclass
 class Finding:
     severity: str  # serious, warning, info, ok
-    step: str  # environment, data, preprocessing
+    step: str  # environment, io-log, data, preprocessing
     message: str
     fix: str = ""
 
@@ -71,17 +71,28 @@ def _data(predictor: Any, field: list[Path], baseline: Path | None, data: Path |
     return out or [Finding("ok", "data", f"no statistic of the {len(field)} field images drifted from the baseline")]
 
 
-def _preprocessing(predictor: Any, field: list[Path], predictions: Path | None, data: Path | None) -> list[Finding]:
-    import json
+def _io_log(root: Path) -> tuple[list[Finding], list[Path], list[Any]]:
+    """An I/O log read back: its anomalies as findings, and its full images with the answers they got."""
+    from collections import Counter
 
+    from cvdeploy.diagnose.iolog import read_iolog
+
+    records = list(read_iolog(root))
+    kinds = Counter(a.split(":")[0] for r in records for a in r.get("anomalies", []))
+    out = [Finding("serious" if k.startswith(("NaN", "input")) else "warning", "io-log",
+                   f"{n} of {len(records)} recorded request(s): {k}") for k, n in kinds.most_common()]
+    full = [r for r in records if str(r.get("path", "")).endswith(".bin")]
+    if not full:
+        out.append(Finding("info", "io-log", f"{len(records)} record(s) without the images themselves (thumbnails or hashes): "
+                                             "drift and the preprocessing audit need `serve --log-io-store image`"))
+    return out, [Path(r["path"]) for r in full], [r["result"] for r in full]
+
+
+def _preprocessing(predictor: Any, field: list[Path], answers: Any, data: Path | None) -> list[Finding]:
     from cvdeploy.diagnose.preprocess_audit import audit_with_labels, audit_with_predictions
 
     out = []
-    if predictions is not None:
-        try:
-            answers = json.loads(predictions.read_text())
-        except (OSError, ValueError) as e:
-            raise fail(f"--predictions: {predictions} is not a JSON file of answers ({e})") from None
+    if answers is not None:
         report = audit_with_predictions(predictor, field, answers)
         if report.cause:
             f = report.finding(report.cause[0])
@@ -107,29 +118,46 @@ def doctor(
                                             "path), one per image, as the image API returns them."),
     data: Path | None = typer.Option(None, help="data.yaml of a labelled controlled set: the baseline for drift and the mAP "
                                      "each preprocessing mistake would cost."),
+    io_log: Path | None = typer.Option(None, "--io-log", help="An I/O log directory (`serve --log-io`): its anomalies, and its "
+                                       "recorded images and answers as the field (instead of --field and --predictions)."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the findings as JSON to this file (- for stdout)."),
 ) -> None:
     """Find why a deployed model is less accurate: environment, data drift and preprocessing, ranked."""
     from cvdeploy.cli.output import result_console, write_json
     from cvdeploy.predict import Predictor
 
-    for flag, path in (("--field", field), ("--baseline", baseline), ("--predictions", predictions), ("--data", data)):
+    for flag, path in (("--field", field), ("--baseline", baseline), ("--predictions", predictions), ("--data", data),
+                       ("--io-log", io_log)):
         if path is not None and not path.exists():
             raise fail(f"{flag}: {path} not found")
     if predictions is not None and field is None:
         raise fail("--predictions needs --field (the images those answers are for)")
+    if io_log is not None and (field is not None or predictions is not None):
+        raise fail("--io-log gives the field images and answers: leave out --field and --predictions")
+    answers: Any = None
+    if predictions is not None:
+        import json
+
+        try:
+            answers = json.loads(predictions.read_text())
+        except (OSError, ValueError) as e:
+            raise fail(f"--predictions: {predictions} is not a JSON file of answers ({e})") from None
     out = result_console(as_json)
     findings: list[Finding] = []
     with err_console.status("doctor: the bundle on this machine"):
         findings += _environment(bundle)
     predictor = Predictor(bundle)
     field_images = _images(field) if field is not None else []
-    if field is not None:
+    if io_log is not None:
+        logged, field_images, logged_answers = _io_log(io_log)
+        findings += logged
+        answers = logged_answers or None
+    if field_images:
         with err_console.status(f"doctor: profiling {len(field_images)} field image(s) against the baseline"):
             findings += _data(predictor, field_images, baseline, data)
-    if predictions is not None or data is not None:
+    if answers is not None or data is not None:
         with err_console.status("doctor: re-running the model with candidate preprocessing mistakes"):
-            findings += _preprocessing(predictor, field_images, predictions, data)
+            findings += _preprocessing(predictor, field_images, answers, data)
     findings.sort(key=lambda f: SEVERITY_ORDER[f.severity])
     for f in findings:
         colour = {"serious": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}[f.severity]

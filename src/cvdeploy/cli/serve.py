@@ -60,6 +60,14 @@ def serve(
                                            "(`cvdeploy sign`); unsigned or wrongly signed bundles are refused, at start and on reload."),
     key_file: Path | None = typer.Option(None, help="The model key of protected bundles (else $CVDEPLOY_MODEL_KEY_FILE, "
                                          "$CVDEPLOY_MODEL_KEY or $CVDEPLOY_MODEL_KEY_COMMAND)."),
+    log_io: Path | None = typer.Option(None, help="Record sampled requests (input, answer, timings, anomalies) in this directory, "
+                                       "for `cvdeploy doctor --io-log` (see docs/io-log.md)."),
+    log_io_sample: float | None = typer.Option(None, min=0.0, max=1.0, help="Share of requests recorded [default: 0.05]; "
+                                               "NaN outputs and black or saturated inputs are always recorded."),
+    log_io_store: str | None = typer.Option(None, help="What is kept of each recorded input: image, thumbnail or hash "
+                                            "[default: thumbnail]."),
+    log_io_max_mb: float | None = typer.Option(None, min=1.0, help="The I/O log's size bound; the oldest records go first "
+                                               "[default: 256]."),
     workers: int = typer.Option(1, min=1, help="Server processes on the one port (SO_REUSEPORT: the kernel spreads connections), "
                                 "each with its own models and engines, the cores split among them: for many-core machines."),
     reuse_port: bool = typer.Option(False, "--reuse-port", hidden=True, help="Bind with SO_REUSEPORT (what --workers gives each worker)."),
@@ -81,7 +89,9 @@ def serve(
         request_timeout_s=timeout, max_body_bytes=scaled(max_body_mb, MiB), max_pixels=scaled(max_megapixels, 1e6),
         audit_sample=audit_sample, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
         keep_alive_timeout_s=keep_alive_timeout, max_connections=max_connections, max_inflight_bytes=scaled(max_inflight_mb, MiB),
-        audit_anchors=str(audit_anchors) if audit_anchors is not None else None, audit_anchor_every_s=audit_anchor_every)
+        audit_anchors=str(audit_anchors) if audit_anchors is not None else None, audit_anchor_every_s=audit_anchor_every,
+        io_log=str(log_io) if log_io is not None else None, io_log_sample=log_io_sample, io_log_store=log_io_store,
+        io_log_max_bytes=scaled(log_io_max_mb, MiB))
     if audit_log is not None:
         from cvdeploy.security.audit import AuditLog
         from cvdeploy.security.protect import load_key
@@ -118,6 +128,8 @@ def serve(
     if workers > 1:
         if audit_log is not None:
             raise fail("--workers > 1 with --audit-log: the audit chain has one writer; run one worker per log, or --workers 1")
+        if log_io is not None:
+            raise fail("--workers > 1 with --log-io: one I/O log directory has one writer; run one worker per directory")
         if port == 0:
             raise fail("--workers > 1 needs a fixed --port (every worker binds the same one)")
         raise typer.Exit(_supervise(workers, settings.instances, threads))

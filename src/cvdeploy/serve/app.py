@@ -47,6 +47,11 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             if repo.settings.audit_anchors is not None:  # signed checkpoints kept apart: truncation or a wipe shows
                 anchors = AnchorWriter(repo.settings.audit, repo.settings.audit_anchors, every_s=repo.settings.audit_anchor_every_s)
                 anchors.start()
+        if repo.settings.io_log is not None:
+            from cvdeploy.diagnose.iolog import IOLog
+
+            s = repo.settings
+            repo.iolog = IOLog(s.io_log, sample=s.io_log_sample, store=s.io_log_store, max_bytes=s.io_log_max_bytes)
         if load_all:
             for name in repo.sources():
                 await repo.load(name)  # loaded and warmed before the first request is accepted
@@ -58,6 +63,8 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             repo.denials.flush()
         if anchors is not None:
             anchors.stop()
+        if repo.iolog is not None:
+            repo.iolog.close()
 
     app = FastAPI(title="cvdeploy", version=__version__, lifespan=lifespan,
                   description="Open Inference Protocol v2 (KServe, Triton-compatible) and an image API for YOLO bundles.")

@@ -66,6 +66,7 @@ class Repository:
 
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.denials: Any = None  # a DenialAggregator over settings.audit, when there is an audit log
+        self.iolog: Any = None  # a cvdeploy.diagnose.iolog.IOLog, with settings.io_log
 
     # -- queries ---------------------------------------------------------------------------------
 

@@ -49,6 +49,11 @@ class ServeSettings(BaseModel):
     audit_sample: float = Field(1.0, ge=0, le=1, description="share of inference requests recorded")
     audit_anchors: str | None = None
     audit_anchor_every_s: float = Field(60.0, gt=0)
+    # inference I/O logging (cvdeploy.diagnose.iolog): sampled inputs and answers for `cvdeploy doctor --io-log`
+    io_log: str | None = None
+    io_log_sample: float = Field(0.05, ge=0, le=1)
+    io_log_store: str = Field("thumbnail", pattern="^(image|thumbnail|hash)$")
+    io_log_max_bytes: int = Field(256 * MiB, ge=MiB)
     # runtime objects, set by the caller
     audit: Any = Field(None, exclude=True)  # a cvdeploy.security.audit.AuditLog
     auth: Any = Field(None, exclude=True)  # a cvdeploy.security.auth.AuthPolicy (None: no authentication, keep to loopback)
