@@ -423,3 +423,23 @@ def test_a_valid_twin_of_each_binary_refusal_is_accepted() -> None:
     assert parse_request(body, n).inputs["x"].tolist() == [b"ab", b"c"]
     shape = [1] * MAX_DIMS  # at the limit: accepted
     assert parse_request(_json_request(_inp(shape=shape, data=[1.0])), None).inputs["x"].shape == tuple(shape)
+
+
+def test_truncated_compressed_bodies_and_string_booleans_are_refused() -> None:
+    import gzip
+    import zlib
+
+    from cvdeploy.serve.protocol import decompress, parse_request
+
+    body = gzip.compress(b'{"inputs": []}' * 100)
+    with pytest.raises(InputError, match="gzip body is truncated"):
+        decompress(body[: len(body) // 2], "gzip", 1 << 20)
+    with pytest.raises(InputError, match="deflate body is truncated"):
+        decompress(zlib.compress(b"x" * 1000)[:-6], "deflate", 1 << 20)
+    assert decompress(body, "gzip", 1 << 20) == b'{"inputs": []}' * 100
+    t = {"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}
+    with pytest.raises(InputError, match="binary_data' must be true or false"):
+        parse_request(json.dumps({"inputs": [t], "outputs": [{"name": "y", "parameters": {"binary_data": "false"}}]}).encode(), None)
+    with pytest.raises(InputError, match="binary_data_output' must be true or false"):
+        parse_request(json.dumps({"inputs": [t], "parameters": {"binary_data_output": "false"}}).encode(), None)
+    assert parse_request(json.dumps({"inputs": [t], "parameters": {"binary_data_output": True}}).encode(), None).binary_output

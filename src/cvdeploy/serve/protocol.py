@@ -69,6 +69,8 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise InputError(f"the {enc} body cannot be decompressed: {e}") from None
     if len(out) > limit:
         raise PayloadTooLargeError(f"the decompressed body is larger than the limit ({limit} bytes)")
+    if not d.eof:  # the stream stopped before its end marker: a cut body, not a shorter request
+        raise InputError(f"the {enc} body is truncated")
     return out
 
 
@@ -172,9 +174,13 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         raise InputError("'outputs' must be a list of objects with a name")
     if not all(isinstance(o.get("parameters") or {}, dict) for o in outs):
         raise InputError("'outputs[].parameters' must be an object")
+    if not all(isinstance((o.get("parameters") or {}).get("binary_data", False), bool) for o in outs):
+        raise InputError("'outputs[].parameters.binary_data' must be true or false")  # "false" is a truthy string
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise InputError("'parameters' must be an object")
+    if not isinstance(params.get("binary_data_output", False), bool):
+        raise InputError("'parameters.binary_data_output' must be true or false")
     return InferRequest(doc.get("id") if isinstance(doc.get("id"), str) else None, inputs, types, outs,
                         bool(params.get("binary_data_output", False)), params)
 
