@@ -351,7 +351,7 @@ def _onnx_int8(job: _Job, outcome: Outcome, recipes: Sequence[Any], repair_round
 def _worst_scores(v: Variant) -> float | None:
     if v.parity is None:
         return None
-    return round(max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values()), 5)
+    return round(v.parity.worst, 5)
 
 
 def _one(job: _Job, name: str) -> _Checked:

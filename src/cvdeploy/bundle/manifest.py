@@ -62,6 +62,11 @@ class OutputParity(_Model):
     max_abs_scores: float | None = None  # detect: class-score channels only
     max_abs_boxes: float | None = None  # detect: box channels, in input pixels
 
+    @property
+    def worst(self) -> float:
+        """The figure the tolerance applies to: the class-score difference, or the whole output's when it has none."""
+        return self.max_abs if self.max_abs_scores is None else self.max_abs_scores
+
 
 class ParityReport(_Model):
     reference: str  # what the variant was compared against, e.g. "torch (source .pt)"
@@ -70,6 +75,11 @@ class ParityReport(_Model):
     outputs: dict[str, OutputParity]
     provider: str | None = None  # the engine and execution provider that ran the check
     engine_precision: str | None = None  # the float precision the engine reported it ran at (OpenVINO: f32, bf16, f16)
+
+    @property
+    def worst(self) -> float:
+        """The largest difference the tolerance was held to, over every output."""
+        return max(o.worst for o in self.outputs.values())
 
 
 class Variant(_Model):

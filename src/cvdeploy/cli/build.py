@@ -78,7 +78,7 @@ def build(
                               private=private)
         progress.update(task, completed=len(BUILD_STEPS), description="done")
     v = bundle.manifest.variants[bundle.manifest.default_variant]
-    worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values()) if v.parity else float("nan")
+    worst = v.parity.worst if v.parity else float("nan")
     console.print(f"bundle [bold]{bundle.name}[/] written to {output} · onnx-fp32 {v.size_bytes / 1e6:.2f} MB · "
                   f"max |Δ| class scores vs torch {worst:.1e}" + (" · private (owner only)" if private else ""), soft_wrap=True)
     extra = [v for v in wanted if v != "onnx-fp32"]

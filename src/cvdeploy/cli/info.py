@@ -75,7 +75,7 @@ def variants_table(m: Any, out: Console | None = None) -> RenderableType:
     for name, v in m.variants.items():
         parity = "-"
         if v.parity:
-            worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values())
+            worst = v.parity.worst
             parity = f"{worst:.1e} {'ok' if v.parity.passed else 'FAIL'}"
         mt = v.metrics
 

@@ -115,7 +115,7 @@ def golden_check(bundle: Any, model: Path | bytes | tuple[bytes, bytes], precisi
         max_abs_scores=max((v.max_abs_scores for v in vs if v.max_abs_scores is not None), default=None),
         max_abs_boxes=max((v.max_abs_boxes for v in vs if v.max_abs_boxes is not None), default=None),
     ) for k, vs in per_output.items()}
-    worst = max((p.max_abs if p.max_abs_scores is None else p.max_abs_scores) for p in merged.values())
+    worst = max(p.worst for p in merged.values())
     tol = SCORE_TOLERANCE[precision]
     agreement = 1.0 if total == 0 else matched / total  # over every golden box: one box of four is not 25 %
     if problem is None and not np.isfinite(worst):

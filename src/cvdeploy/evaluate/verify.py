@@ -97,10 +97,10 @@ def verify_bundle(
             main, extra = variant_bytes(bundle, name, model_key if model_key is not None else load_key())
             model = main if v.engine == "onnxruntime" else (main, next(iter(extra.values()), b""))
         report, agreement, problem = golden_check(bundle, model, v.precision, providers or None, engine_kind=v.engine)
-        worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in report.outputs.values())
+        worst = report.worst
         recorded = None
         if v.parity is not None:
-            recorded = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values())
+            recorded = v.parity.worst
         check = VariantCheck(name, provider, worst, recorded, report.tolerance_scores, agreement,
                              engine_precision=report.engine_precision,
                              recorded_engine_precision=v.parity.engine_precision if v.parity is not None else None)

@@ -62,7 +62,7 @@ def bundle_report(manifest: Any, outcomes: Sequence[Any] = (), wall_s: float | N
         mt = v.metrics
         worst = None
         if v.parity:
-            worst = max((o.max_abs if o.max_abs_scores is None else o.max_abs_scores) for o in v.parity.outputs.values())
+            worst = v.parity.worst
         rows.append(
             f"<tr><td>{e(name)}{' (default)' if name == manifest.default_variant else ''}</td><td>{e(v.engine)}</td>"
             f"<td>{e(v.precision)}</td><td>{v.size_bytes / 1e6:.2f} MB</td><td>{_fmt(mt.get('map50_95'), '.4f')}</td>"
