@@ -134,7 +134,6 @@ class Predictor:
             overrides["classes"] = tuple(int(c) for c in overrides["classes"])
         return replace(self.options, **{k: v for k, v in overrides.items() if v is not None or k == "classes"})
 
-    _options = detect_options  # the name callers of 0.1 used
 
     # -- the stages ------------------------------------------------------------------------------
 

@@ -148,8 +148,6 @@ class AccessMiddleware:
                 await denied(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
-        except ClientAbortError:  # the client went away mid-request: nothing to answer, nothing broken on our side
-            status = 499
         except Exception:  # an unexpected failure: log it, answer 500 without internals
             logging.getLogger("cvdeploy.serve").exception("unhandled error on %s %s", request.method, request.url.path)
             status = 500

@@ -47,15 +47,14 @@ async def detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], op
     timeout = repo.settings.request_timeout_s
     with m.batcher.expect(len(blobs)):
         prepared = await gather_all([asyncio.to_thread(prepare, b) for b in blobs])
-    blob_of = {id(img): b for (img, _, _), b in zip(prepared, blobs, strict=True)}  # the bytes, for an I/O log that keeps them
     served = await gather_all([run_model(m, pr.tensor, timeout) for _, pr, _ in prepared])
     results = []
-    for (img, pr, decode_ms), sv in zip(prepared, served, strict=True):
+    for blob, (img, pr, decode_ms), sv in zip(blobs, prepared, served, strict=True):
         t = Timings(decode=decode_ms, preprocess=pr.ms_per_image, queue=sv.queue_s * 1000, infer=sv.infer_s * 1000 / sv.batch_rows)
         (r,) = p.finish(pr, sv.outputs, options=options, timings=[t])
         if repo.iolog is not None:  # sampled: a random draw and a few reductions on the request path, writing elsewhere
             lb = pr.params[0]
-            repo.iolog.record(model=f"{m.name}@{m.version}", image=img, data=blob_of.get(id(img)), result=r,
+            repo.iolog.record(model=f"{m.name}@{m.version}", image=img, data=blob, result=r,
                               meta={"input_shape": list(lb.input_shape), "gain_xy": [round(g, 6) for g in lb.gain_xy],
                                     "pad_top_left": [lb.top, lb.left]})
         repo.metrics.stage.labels(m.name, m.version, "preprocess").observe((t.decode + t.preprocess) / 1000)
