@@ -17,10 +17,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from serve_load import free_port, load  # the sibling benchmark (this folder is on sys.path when run as a script)
+from serve_load import free_port, load, wait_ready  # the sibling benchmark (this folder is on sys.path when run as a script)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -36,7 +35,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import cv2
-    import httpx
 
     from cvdeploy.build import build_bundle
     from cvdeploy.demo import DEMO_MODEL
@@ -54,15 +52,9 @@ def main() -> None:
                                   "--log-level", "warning", *extra[k]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for k, p in ports.items()}
     try:
-        for p in ports.values():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{p}/v2/health/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.2)
         urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+        for k, u in urls.items():
+            wait_ready(u, procs[k])
         for u in urls.values():
             asyncio.run(load(u, "yolo11n-shapes", images, 4, 40, None))
         ips: dict[str, list[float]] = {"plain": [], "logged": []}

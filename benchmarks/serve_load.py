@@ -45,6 +45,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, proc: subprocess.Popen | None = None, *, path: str = "/v2/health/ready", seconds: float = 180.0,
+               **httpx_kw) -> None:
+    """Poll `url + path` until it answers 200; stop early (SystemExit) when `proc` has exited or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited ({proc.returncode})")
+        try:
+            if httpx.get(url + path, timeout=1, **httpx_kw).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not become ready")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -218,8 +236,6 @@ def compare_secure(bundle: Path, plain_url: str, model: str, images: list[bytes]
     """Plain against TLS + API key + audit log at concurrency 8, alternating rounds in one run."""
     import ssl
 
-    import httpx
-
     from cvdeploy.security.auth import KeyStore
     from cvdeploy.security.protect import new_key_file
     from cvdeploy.security.tls import make_dev_pki
@@ -240,13 +256,7 @@ def compare_secure(bundle: Path, plain_url: str, model: str, images: list[bytes]
     ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
     headers = {"Authorization": f"Bearer {api_key}"}
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1, verify=ctx, headers=headers).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(url, proc, verify=ctx, headers=headers)
         asyncio.run(load(url, model, images, 4, 40, None, verify=ctx, headers=headers))
         plain, secure = [], []
         for _ in range(args.secure_rounds):
@@ -306,13 +316,7 @@ def main() -> None:
     try:
         import httpx
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_ready(url, server)
         model = httpx.post(f"{url}/v2/repository/index").json()[0]["name"]
         asyncio.run(load(url, model, images, 4, 40, None))  # warm the HTTP path
         rows = []

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from serve_load import free_port, rss_mb  # the sibling benchmark (this folder is on sys.path when run as a script)
+from serve_load import free_port, rss_mb, wait_ready  # the sibling benchmark (this folder is on sys.path when run as a script)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -83,17 +83,7 @@ def main() -> None:
                                "--max-inflight-mb", str(args.max_inflight_mb), "--log-level", "warning"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/v2/health/ready")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise SystemExit("the server did not become ready: " + (server.stderr.read() if server.stderr else ""))
+        wait_ready(f"http://127.0.0.1:{port}", server)
         infer, predict = f"/v2/models/{model}/infer", f"/v1/models/{model}/predict"
         import cv2
 

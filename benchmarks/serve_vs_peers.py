@@ -31,7 +31,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from serve_load import free_port, load  # the sibling benchmark (this folder is on sys.path when run as a script)
+from serve_load import free_port, load, wait_ready  # the sibling benchmark (this folder is on sys.path when run as a script)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -59,22 +59,6 @@ LITSERVE_APP = textwrap.dedent('''
     if __name__ == "__main__":
         ls.LitServer(YoloAPI(), accelerator="cpu", workers_per_device=1).run(port=int(sys.argv[2]), generate_client_file=False)
 ''')
-
-
-def wait_ready(url: str, path: str, proc: subprocess.Popen, seconds: float = 180.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited ({proc.returncode})")
-        try:
-            if httpx.get(url + path, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} did not become ready")
 
 
 def naive_loop(bundle: Path, image: bytes, seconds: float, threads: int = 0) -> float:
@@ -131,8 +115,8 @@ def main() -> None:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         ours_url, lit_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{lit_port}"
         try:
-            wait_ready(ours_url, "/v2/health/ready", ours)
-            wait_ready(lit_url, "/health", lit)
+            wait_ready(ours_url, ours)
+            wait_ready(lit_url, lit, path="/health")
             targets = {"cvdeploy": (ours_url, "/v1/models/yolo11n-shapes/predict"), "litserve": (lit_url, "/predict")}
             for url, path in targets.values():  # warm the HTTP paths
                 asyncio.run(load(url, "", bodies, 4, 40, None, path=path, content_type="application/json"))
