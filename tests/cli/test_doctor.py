@@ -47,11 +47,16 @@ def test_a_darker_field_and_a_channel_swap_are_named(demo_bundle: Path, sets: tu
     dark.mkdir()
     for p in sorted(field.glob("*.jpg")):
         cv2.imwrite(str(dark / p.name), cv2.convertScaleAbs(cv2.imread(str(p)), alpha=0.45))
-    r = doctor(str(demo_bundle), "--field", str(dark), "--baseline", str(base), "--json", "-")
+    page = tmp_path / "report" / "doctor.html"
+    r = doctor(str(demo_bundle), "--field", str(dark), "--baseline", str(base), "--json", "-", "--out", str(page))
     assert r.returncode == 1, r.stderr
     doc = json.loads(r.stdout)  # --json -: the findings alone on stdout, the human result on stderr
     top = doc["findings"][0]
     assert top["severity"] == "serious" and top["step"] == "data" and "darker" in top["message"]
+    assert doc["steps"] == ["environment", "data"] and doc["sections"]["data"]["drifts"]
+    text = page.read_text()  # the HTML report: the same findings, a drift plot, nothing loaded from elsewhere
+    assert top["message"].split(":")[0] in text and "<svg" in text and "Data consistency" in text
+    assert "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in text
 
     images = sorted(field.glob("*.jpg"))
     answers = simulate_deployment(Predictor(demo_bundle), images, "bgr_rgb_swap")  # a deployment feeding BGR

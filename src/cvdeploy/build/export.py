@@ -34,12 +34,11 @@ from cvdeploy.bundle.manifest import (
 from cvdeploy.errors import BundleError, CvdeployError, InputError, MissingDependencyError, ModelFormatError
 from cvdeploy.evaluate.parity import compare_outputs
 from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
-from cvdeploy.vision.image import load_image
+from cvdeploy.vision.image import IMAGE_SUFFIXES, load_image
 from cvdeploy.vision.letterbox import letterbox, to_tensor
 
 BUILD_STEPS = ("load model", "export ONNX", "golden inputs", "source outputs", "parity check", "write bundle")
 DEFAULT_SCORE_TOLERANCE = 1e-3
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _require_build_deps() -> tuple[Any, Any]:
@@ -70,7 +69,7 @@ def golden_images(images: str | os.PathLike[str] | None, n: int, seed: int = 0) 
         root = Path(images)
         if not root.is_dir():
             raise InputError(f"golden images: {root} is not a directory")
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:n]
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
         if not files:
             raise InputError(f"golden images: no image files in {root}")
         return [load_image(p) for p in files], str(root)

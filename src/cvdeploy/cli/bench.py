@@ -47,7 +47,7 @@ def bench_images(images: Path | None, n: int = 16) -> list[bytes]:
     import cv2
 
     if images is not None:
-        from cvdeploy.cli.predict import collect_images
+        from cvdeploy.vision.image import collect_images
 
         files = collect_images([images])[:n]
         return [f.read_bytes() for f in files]

@@ -51,8 +51,9 @@ def predict(
     api_key: str | None = typer.Option(None, "--api-key", hidden=True),
 ) -> None:
     """Send images to a server's image API; print one result per image and a summary, optionally save annotated images."""
-    from cvdeploy.cli.predict import collect_images, results_table, save_path
+    from cvdeploy.cli.predict import results_table, save_path
     from cvdeploy.client import Client, ServerError
+    from cvdeploy.vision.image import collect_images
 
     if api_key is not None:
         # Not accepted on purpose: a key on the command line shows in `ps`, /proc and shell history.

@@ -14,28 +14,10 @@ from rich.table import Table
 
 from cvdeploy.cli.app import app, console, err_console, fail
 from cvdeploy.cli.output import progress as progress_bar
-from cvdeploy.errors import ImageDecodeError, InputError
+from cvdeploy.errors import ImageDecodeError
 from cvdeploy.predict import Predictor
 from cvdeploy.vision.draw import draw
-from cvdeploy.vision.image import load_image
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-
-
-def collect_images(inputs: list[Path]) -> list[Path]:
-    """Files as given, directories expanded (recursively, sorted) to their image files."""
-    files: list[Path] = []
-    for p in inputs:
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {p}")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise InputError(f"image not found: {p}")
-    return files
+from cvdeploy.vision.image import collect_images, load_image
 
 
 def results_table(rows: list[tuple[str, str, str, str]], title: str | None = None) -> Table:

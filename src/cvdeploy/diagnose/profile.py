@@ -25,7 +25,7 @@ import numpy as np
 from PIL import ExifTags, Image
 
 from cvdeploy.errors import InputError
-from cvdeploy.vision.image import ImageSource, image_format, load_image
+from cvdeploy.vision.image import IMAGE_SUFFIXES, ImageSource, image_files, image_format, load_image
 
 if TYPE_CHECKING:
     from cvdeploy.predict import Predictor
@@ -53,7 +53,6 @@ SMALL_SAMPLE = 30  # fewer on either side: the finding says its thresholds were 
 Severity = Literal["ok", "warning", "serious"]
 _RANK = {"ok": 0, "warning": 1, "serious": 2}
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 _ORIENTATION_TAG = int(ExifTags.Base.Orientation)
 
 
@@ -373,9 +372,9 @@ def _iter_sources(images: Iterable[ImageSource] | str | os.PathLike[str]) -> Ite
     if isinstance(images, str | os.PathLike):
         root = Path(images)
         if root.is_dir():
-            files = sorted(f for f in root.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES and f.is_file())
+            files = image_files(root)
             if not files:
-                raise InputError(f"no images found in {root} (looked for {', '.join(sorted(_IMAGE_SUFFIXES))})")
+                raise InputError(f"no images found in {root} (looked for {', '.join(IMAGE_SUFFIXES)})")
             yield from files
         else:
             yield images

@@ -12,8 +12,7 @@ import cv2
 import numpy as np
 
 from cvdeploy.errors import InputError, MissingDependencyError
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from cvdeploy.vision.image import image_files
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def load_yolo_split(data_yaml: str | os.PathLike[str], split: str = "val") -> tu
     names_raw = data.get("names", {})
     names = dict(enumerate(names_raw)) if isinstance(names_raw, list) else {int(k): str(v) for k, v in names_raw.items()}
     items = []
-    for p in sorted(f for f in img_dir.rglob("*") if f.suffix.lower() in _IMAGE_SUFFIXES):
+    for p in image_files(img_dir):
         # Ultralytics' convention: .../images/... -> .../labels/... with a .txt suffix.
         label = Path(str(p.parent).replace(f"{os.sep}images", f"{os.sep}labels", 1)) / f"{p.stem}.txt"
         img = cv2.imread(str(p))

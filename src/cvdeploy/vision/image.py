@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeAlias
 
 import cv2
@@ -29,12 +30,36 @@ ImageSource: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview
 DEFAULT_MAX_PIXELS = 50_000_000  # guard against decompression bombs
 # Multi-page TIFFs and animated GIFs decode to their first page or frame, as cv2.imdecode (and Ultralytics) read them.
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF"})
+# File name endings taken as images when a directory is expanded (the formats above).
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 _ORIENTATION_TAG = int(ExifTags.Base.Orientation)
 
 
 def _listing(names: frozenset[str]) -> str:
     return ", ".join(sorted(names))
+
+
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The image files under a directory (recursively, by suffix), sorted; [] when there are none."""
+    return sorted(f for f in Path(folder).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, directories expanded (recursively, sorted) to their image files; one-line errors otherwise."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = image_files(p)
+            if not found:
+                raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {p}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"image not found: {p}")
+    return files
 
 
 def _is_int(value: object) -> bool:
