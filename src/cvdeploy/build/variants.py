@@ -400,6 +400,7 @@ def add_variants(
     (tests inject timings). A variant already in the bundle is rebuilt.
     """
     from cvdeploy.bench.latency import measure_here, store_record
+    from cvdeploy.build.profile_step import write_profile
     from cvdeploy.build.quantize import recipe_candidates
 
     t_start = time.perf_counter()
@@ -433,6 +434,8 @@ def add_variants(
     if data is not None:
         step("onnx-fp32", "mAP")
         base.metrics.update(map_of(bundle, "onnx-fp32", data))
+        step("onnx-fp32", "data profile")  # the drift baseline: profile.json, listed in the manifest
+        write_profile(bundle, data)
     bundle.save_manifest()
     outcomes = [Outcome("onnx-fp32", True, "reference", base)]
     job = _Job(bundle, data, calib_images, max_map_drop, quantize_head, step, timer)

@@ -213,11 +213,12 @@ class Bundle:
         return next((h for h in self.manifest.runtime if h.variant == variant), None)
 
     def check_files(self) -> None:
-        """Check every variant and golden file exists and has the sha256 the manifest records."""
+        """Check every variant, golden and data profile file exists and has the sha256 the manifest records."""
         assert self.root is not None
         entries = [(f"variant {name!r}", v.file, v.sha256) for name, v in self.manifest.variants.items()]
         entries += [(f"variant {name!r}", f, d) for name, v in self.manifest.variants.items() for f, d in v.companions.items()]
         entries += [("golden case", g.file, g.sha256) for g in self.manifest.golden]
+        entries += [("data profile", p.file, p.sha256) for p in [self.manifest.profile] if p is not None]
         for what, rel, digest in entries:
             f = self._resolve(rel)
             if not f.is_file():

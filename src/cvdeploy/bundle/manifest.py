@@ -136,6 +136,17 @@ class GoldenCase(_Model):
     description: str = ""
 
 
+class ProfileInfo(_Model):
+    """The baseline data profile (`cvdeploy.diagnose.profile.DataProfile` as JSON): the controlled set's image statistics and
+    the source variant's predictions on it, written by the build (`cvdeploy.build.profile_step`) for drift checks."""
+
+    file: str
+    sha256: str
+    images: int
+    variant: str  # whose predictions it holds
+    source: str = ""  # where its images came from
+
+
 class SourceInfo(_Model):
     file: str
     sha256: str
@@ -160,6 +171,7 @@ class Manifest(_Model):
     environment: dict[str, object] = Field(default_factory=dict)
     runtime: list[RuntimeHint] = Field(default_factory=list)  # from `cvdeploy bench tune`, one per variant
     latencies: list[LatencyRecord] = Field(default_factory=list)  # one per machine the variants were timed on
+    profile: ProfileInfo | None = None  # None: built without a controlled set (--data), so no images to profile
     created_at: str
     cvdeploy_version: str
     # sha256 of the canonical manifest without this field (bundle.canonical_manifest_bytes): every writer sets it and

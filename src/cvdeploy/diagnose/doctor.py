@@ -140,9 +140,11 @@ def baseline_profile(bundle: Path, predictor: Any, baseline: Path | None, data: 
         return DataProfile.load(baseline), f"the profile {baseline}"
     if baseline is not None:
         return profile_images(_images(baseline), predictor), f"the images of {baseline}"
-    stored = bundle / "profile.json"
-    if stored.is_file():
-        return DataProfile.load(stored), "the bundle's profile.json (its calibration/validation images at build time)"
+    from cvdeploy.build.profile_step import read_profile
+
+    stored = read_profile(bundle)
+    if stored is not None:
+        return stored, f"the bundle's profile.json ({stored.images} validation images profiled at build time)"
     if data is not None:
         from cvdeploy.evaluate.coco import load_yolo_split
 
@@ -160,6 +162,11 @@ def data_step(bundle: Path, predictor: Any, field_images: list[Path], baseline: 
         return [Finding("info", "data", "no baseline: this bundle has no profile.json; give --baseline (reference images or "
                                         "a saved profile) or --data to compare the field images with")], {}
     profile, what = base
+    variant = (profile.model or {}).get("variant")
+    if variant and variant != predictor.variant:  # profile the field with the model the baseline's predictions came from
+        from cvdeploy.predict import Predictor
+
+        predictor = Predictor(bundle, variant)
     drifts = compare(profile, profile_images(field_images, predictor))
     out = [Finding(d.severity, "data", d.message, "", {"statistic": d.statistic, "test": d.test, "value": d.to_dict()["value"],
                                                         "threshold": d.to_dict()["threshold"]})
@@ -187,6 +194,18 @@ def preprocessing_step(predictor: Any, field_images: list[Path], answers: Any,
         section["with_labels"] = report.to_dict()
         if report.findings:
             out.append(Finding("info", "preprocessing", f"with labels: {report.verdict}"))
+    return out, section
+
+
+def controlled_step(bundle: Path, data: Path, progress: Progress) -> tuple[list[Finding], dict[str, Any]]:
+    """mAP overall, per class and per size bucket of every variant against the source, on the labelled set."""
+    from cvdeploy.diagnose.controlled import controlled_report
+
+    report = controlled_report(bundle, data, on_step=lambda what: progress(f"controlled set: {what}"))
+    out = [Finding(f.severity, "controlled", f.message, f.fix, {"variant": f.variant}) for f in report.findings]
+    out += [Finding("info", "controlled", f"{name}: not scored here ({why})") for name, why in report.skipped.items()]
+    section = report.to_dict()
+    section["table"] = report.table()
     return out, section
 
 
@@ -257,4 +276,9 @@ def diagnose(
         got, sections["preprocessing"] = preprocessing_step(predictor, field_images, answers, data_path)
         findings += got
         steps.append("preprocessing")
+    if data_path is not None:
+        progress("scoring every variant on the controlled set")
+        got, sections["controlled"] = controlled_step(bundle, data_path, progress)
+        findings += got
+        steps.append("controlled")
     return DoctorReport(str(bundle), rank(findings), sections, steps)

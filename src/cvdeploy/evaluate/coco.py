@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +82,10 @@ def load_yolo_split(data_yaml: str | os.PathLike[str], split: str = "val") -> tu
     return items, names
 
 
-def coco_map(gt: list[LabelledImage], preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nc: int) -> DetectionMetrics:
-    """mAP50-95 and mAP50 by the COCO protocol; preds are (xyxy, confidence, class_id) per image."""
-    try:
-        from faster_coco_eval import COCO, COCOeval_faster
-    except ImportError as e:
-        raise MissingDependencyError("faster-coco-eval", "build", "measuring mAP") from e
+def coco_dataset(gt: Sequence[LabelledImage], preds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO images, annotations (labels) and detections of a split and its predictions ((xyxy, confidence, class_id) per
+    image): the one construction every COCO figure of the project starts from, so that they agree."""
     images, anns, dets = [], [], []
     for i, (g, (xyxy, conf, cls)) in enumerate(zip(gt, preds, strict=True)):
         images.append({"id": i, "width": g.width, "height": g.height, "file_name": g.path.name})
@@ -98,13 +96,30 @@ def coco_map(gt: list[LabelledImage], preds: list[tuple[np.ndarray, np.ndarray, 
         for b, s, c in zip(xyxy, conf, cls, strict=True):
             dets.append({"image_id": i, "category_id": int(c), "score": float(s),
                          "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]})
+    return images, anns, dets
+
+
+def coco_eval(images: list[dict[str, Any]], anns: list[dict[str, Any]], dets: list[dict[str, Any]], nc: int,
+              **options: Any) -> Any:
+    """faster-coco-eval's evaluator, evaluated, accumulated and summarised (options: e.g. ranges= for size buckets)."""
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster
+    except ImportError as e:
+        raise MissingDependencyError("faster-coco-eval", "build", "measuring mAP") from e
     coco_gt = COCO({"images": images, "annotations": anns, "categories": [{"id": k} for k in range(nc)]})
-    if not dets:
-        return DetectionMetrics(0.0, 0.0, len(gt), len(anns))
-    ev = COCOeval_faster(coco_gt, coco_gt.loadRes(dets), "bbox")
+    ev = COCOeval_faster(coco_gt, coco_gt.loadRes(dets), "bbox", **options)
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
+    return ev
+
+
+def coco_map(gt: list[LabelledImage], preds: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nc: int) -> DetectionMetrics:
+    """mAP50-95 and mAP50 by the COCO protocol; preds are (xyxy, confidence, class_id) per image."""
+    images, anns, dets = coco_dataset(gt, preds)
+    if not dets:
+        return DetectionMetrics(0.0, 0.0, len(gt), len(anns))
+    ev = coco_eval(images, anns, dets, nc)
     return DetectionMetrics(float(ev.stats[0]), float(ev.stats[1]), len(gt), len(anns))
 
 

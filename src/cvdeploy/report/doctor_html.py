@@ -153,10 +153,12 @@ def _controlled(section: dict[str, Any]) -> str:
     text = section.get("table")
     if text:
         out.append(f"<pre>{e(text)}</pre>")
-    for variant, classes in (section.get("per_class_delta") or {}).items():
-        rows = [(name, float(delta), "#b00" if delta < 0 else "#2a7d2a") for name, delta in classes.items()]
-        out.append(f"<h3>{e(variant)}: per-class mAP50-95 change vs the source (points)</h3>"
-                   + bars_svg([(n, abs(v), c) for n, v, c in rows], unit=" pt"))
+    for variant, v in (section.get("variants") or {}).items():
+        deltas = (v.get("delta_points") or {}).get("per_class") or {}
+        rows = [(name, abs(float(d)), "#b00" if d < 0 else "#2a7d2a") for name, d in deltas.items() if d is not None]
+        if rows:
+            out.append(f"<h3>{e(variant)}: per-class mAP50-95 change against the source (points; red: lost)</h3>"
+                       + bars_svg(rows, unit=" pt"))
     return "".join(out)
 
 
