@@ -41,7 +41,7 @@ def test_clean_field_data_gives_no_serious_finding(demo_bundle: Path, sets: tupl
     answers = simulate_deployment(Predictor(demo_bundle), sorted(field.glob("*.jpg")), "correct")
     report = diagnose(demo_bundle, field_dir=field, answers=answers, baseline=base)
     assert not report.serious, [f.to_dict() for f in report.serious]
-    assert report.steps_run == ["environment", "data", "preprocessing"]
+    assert report.steps_run == ["environment", "speed", "data", "preprocessing"]
     json.dumps(report.to_dict())  # the --json output is plain JSON
 
 
@@ -53,7 +53,7 @@ def test_a_preprocessing_mistake_in_the_deployment_is_the_top_finding(demo_bundl
 
     _, field = sets
     answers = simulate_deployment(Predictor(demo_bundle), sorted(field.glob("*.jpg")), mistake)  # the field's answers
-    top = _top(diagnose(demo_bundle, field_dir=field, answers=answers))
+    top = _top(diagnose(demo_bundle, field_dir=field, answers=answers, speed=False))
     assert (top.severity, top.step) == ("serious", "preprocessing")
     assert top.message.startswith(mistake) and top.evidence["cause"][0] == mistake and top.fix
 
@@ -81,7 +81,7 @@ def test_a_drifted_field_is_named_by_the_statistic_that_moved(demo_bundle: Path,
     base, field = sets
     for p in sorted(field.glob("*.jpg")):
         cv2.imwrite(str(tmp_path / p.name), change(cv2.imread(str(p))))
-    report = diagnose(demo_bundle, field_dir=tmp_path, baseline=base)
+    report = diagnose(demo_bundle, field_dir=tmp_path, baseline=base, speed=False)
     top = _top(report)
     assert (top.severity, top.step) == ("serious", "data"), fault
     assert any(w in top.message for w in words), top.message

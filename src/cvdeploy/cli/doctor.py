@@ -27,6 +27,9 @@ def doctor(
                                        "recorded images and answers as the field (instead of --field and --predictions)."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file (- for stdout)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as a self-contained HTML page."),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="Run the slow-inference check (a few seconds of timing)."),
+    latency_budget: float | None = typer.Option(None, "--latency-budget", min=0.001, help="The deployment's latency budget "
+                                                "(ms per image, end to end): the speed check says whether it holds."),
 ) -> None:
     """Find why a deployed model is less accurate or slow: environment, layers, data, preprocessing, speed; ranked."""
     from cvdeploy.cli.output import result_console, write_json
@@ -48,8 +51,8 @@ def doctor(
             raise fail(f"--predictions: {predictions} is not a JSON file of answers ({e})") from None
     console = result_console(as_json)
     with err_console.status("doctor") as status:
-        report = diagnose(bundle, field_dir=field, answers=answers, baseline=baseline, data=data, io_log=io_log,
-                          progress=lambda what: status.update(f"doctor: {what}"))
+        report = diagnose(bundle, field_dir=field, answers=answers, baseline=baseline, data=data, io_log=io_log, speed=speed,
+                          latency_budget_ms=latency_budget, progress=lambda what: status.update(f"doctor: {what}"))
     for f in report.findings:
         console.print(f"[{COLOURS[f.severity]}]{f.severity:<8}[/] {f.step:<14} {f.message}"
                       + (f"\n{'':<24}fix: {f.fix}" if f.fix else ""), highlight=False, soft_wrap=True)

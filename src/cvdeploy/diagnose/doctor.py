@@ -98,22 +98,20 @@ def _images(folder: Path) -> list[Path]:
 # -- steps ------------------------------------------------------------------------------------------
 
 
-def environment_step(bundle: Path) -> tuple[list[Finding], list[Any]]:
-    """`verify` on this machine: hashes and golden parity of every variant, and the build-vs-here differences."""
-    from cvdeploy.evaluate.verify import verify_bundle
+def environment_step(bundle: Path) -> tuple[list[Finding], dict[str, Any]]:
+    """`verify` on this machine (hashes, golden parity of every variant) and every recorded build-vs-here difference
+    (package versions, engine, provider, precision, CPU flags, threads), ranked by how likely it is to matter."""
+    from cvdeploy.diagnose.environment import diagnose_environment
 
-    checks = verify_bundle(bundle)
-    out = []
-    for c in checks:
-        for p in c.problems:
-            out.append(Finding("serious", "environment", f"{c.name}: {p}",
-                               "rebuild the variant on this machine, or serve one that verifies here (cvdeploy verify)",
-                               {"variant": c.name}))
-        for d in c.differences:
-            out.append(Finding("warning" if not c.ok else "info", "environment", f"{c.name}: {d}", "", {"variant": c.name}))
-    if not out:
-        out.append(Finding("ok", "environment", "every variant verifies on this machine (hashes and golden parity)"))
-    return out, checks
+    # No --data here: verify's mAP check compares with the figure recorded on the build's own controlled set; another
+    # labelled set is the controlled step's, which compares every variant with the source on the same images.
+    report = diagnose_environment(bundle)
+    out = [Finding(f.severity, "environment", f.message, f.fix, {"likelihood": f.likelihood, "topic": f.topic, **f.evidence})
+           for f in report.findings]
+    if not any(f.severity in ("serious", "warning") for f in out):
+        out.append(Finding("ok", "environment", "every variant verifies on this machine (hashes and golden parity), and "
+                                                "nothing recorded at build time differs in a way that matters"))
+    return out, report.to_dict()
 
 
 def io_log_step(root: Path) -> tuple[list[Finding], list[Path], list[Any]]:
@@ -209,6 +207,17 @@ def controlled_step(bundle: Path, data: Path, progress: Progress) -> tuple[list[
     return out, section
 
 
+def speed_step(bundle: Path, field_images: list[Path], budget_ms: float | None) -> tuple[list[Finding], dict[str, Any]]:
+    """Where the time goes (warm-up, stage shares, threads, variant and input size); never worse than a warning."""
+    from cvdeploy.diagnose.speed import diagnose_speed
+
+    report = diagnose_speed(bundle, images=field_images[:8] or None, budget_ms=budget_ms)
+    out = [Finding(f.severity, "speed", f.message, f.fix, {"likelihood": f.likelihood, "topic": f.topic}) for f in report.findings]
+    section = report.to_dict()
+    section["stage_ms"] = dict(report.figures.stages_ms)
+    return out, section
+
+
 # -- the whole run ----------------------------------------------------------------------------------
 
 
@@ -225,13 +234,16 @@ def diagnose(
     baseline: str | os.PathLike[str] | None = None,
     data: str | os.PathLike[str] | None = None,
     io_log: str | os.PathLike[str] | None = None,
+    speed: bool = True,
+    latency_budget_ms: float | None = None,
     progress: Progress = _quiet,
 ) -> DoctorReport:
     """Run every step whose inputs are given on `bundle`; see the module docstring for the steps.
 
     field_dir: images the deployment saw; answers: the deployment's answers for them (one per image, path order, as the
     image API returns them); baseline: what the model was validated on (images or a saved profile; default: the bundle's
-    profile.json, else --data's val split); data: a labelled controlled set (data.yaml); io_log: a `serve --log-io` store.
+    profile.json, else --data's val split); data: a labelled controlled set (data.yaml); io_log: a `serve --log-io` store;
+    speed: run the slow-inference check (a few seconds), against `latency_budget_ms` when given.
     """
     from cvdeploy.predict import Predictor
 
@@ -253,13 +265,17 @@ def diagnose(
     steps: list[str] = []
 
     progress("the bundle on this machine")
-    env, checks = environment_step(bundle)
+    env, sections["environment"] = environment_step(bundle)
     findings += env
-    sections["environment"] = {"verify": [c.to_dict() for c in checks]}
     steps.append("environment")
 
-    predictor = Predictor(bundle)
     field_images = _images(field_path) if field_path is not None else []
+    if speed:  # first: before the other steps warm this process's decoders, so that the first call is a first call
+        progress("where the time goes")
+        got, sections["speed"] = speed_step(bundle, field_images, latency_budget_ms)
+        findings += got
+        steps.append("speed")
+    predictor = Predictor(bundle)
     if io_path is not None:
         progress("reading the I/O log")
         logged, field_images, logged_answers = io_log_step(io_path)

@@ -103,20 +103,19 @@ def _findings(report: Any) -> str:
 
 def _environment(section: dict[str, Any]) -> str:
     rows = []
-    for c in section.get("verify", []):
+    for c in section.get("checks", []):
         rows.append(f"<tr><td>{e(c['variant'])}</td><td>{'yes' if c['ok'] else '<span class=bad>no</span>'}</td>"
                     f"<td>{_num(c.get('max_abs_scores'), '.1e')}</td><td>{_num(c.get('tolerance'), '.1e')}</td>"
                     f"<td>{e(str(c.get('provider') or '-'))}</td><td>{e(str(c.get('engine_precision') or '-'))}</td>"
                     f"<td style='text-align:left'>{e('; '.join(c.get('problems', []) + c.get('differences', [])))}</td></tr>")
     table = ("<table><tr><th>variant</th><th>verifies here</th><th>max |Δ| scores</th><th>tolerance</th><th>provider</th>"
              "<th>ran at</th><th>problems and differences</th></tr>" + "".join(rows) + "</table>")
-    diff = section.get("differences", [])
-    if diff:
-        table += ("<table><tr><th>what differs</th><th>build machine</th><th>here</th><th>matters</th><th>why</th></tr>"
-                  + "".join(f"<tr><td>{e(str(d.get('what', '')))}</td><td>{e(str(d.get('recorded', '')))}</td>"
-                            f"<td>{e(str(d.get('here', '')))}</td><td>{e(str(d.get('likelihood', d.get('severity', ''))))}</td>"
-                            f"<td style='text-align:left'>{e(str(d.get('reason', d.get('message', ''))))}</td></tr>"
-                            for d in diff) + "</table>")
+    found = section.get("findings", [])
+    if found:
+        table += ("<table><tr><th>what</th><th>severity</th><th>likely to matter</th><th>finding</th></tr>"
+                  + "".join(f"<tr><td>{e(str(d.get('topic', '')))}</td><td>{e(str(d.get('severity', '')))}</td>"
+                            f"<td>{e(str(d.get('likelihood', '')))}</td><td style='text-align:left'>{e(str(d.get('message', '')))}"
+                            "</td></tr>" for d in found) + "</table>")
     return table
 
 
@@ -177,8 +176,10 @@ def _integrity(section: dict[str, Any]) -> str:
 def _speed(section: dict[str, Any]) -> str:
     shares = section.get("stage_ms") or {}
     rows = [(stage, float(ms), "#2a6fdb") for stage, ms in shares.items() if ms is not None]
-    facts = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in section.items() if k != "stage_ms" and not isinstance(v, dict | list))
-    return (bars_svg(rows, unit=" ms") if rows else "") + (f"<ul>{facts}</ul>" if facts else "")
+    figures = section.get("figures") or {}
+    facts = "".join(f"<li>{e(str(k))}: {e(str(v))}</li>" for k, v in figures.items() if not isinstance(v, dict | list))
+    return ("<p>Median milliseconds per stage after warm-up, one image:</p>" + bars_svg(rows, unit=" ms") if rows else "") + (
+        f"<ul>{facts}</ul>" if facts else "")
 
 
 RENDERERS = {"environment": _environment, "integrity": _integrity, "data": _data, "preprocessing": _preprocessing,
