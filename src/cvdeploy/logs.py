@@ -1,4 +1,5 @@
-"""The command line's logging: third-party logs, warnings and native stderr hidden unless --verbose, on stderr when shown.
+"""The command line's logging: third-party logs, warnings and native stderr hidden unless --verbose, on stderr when shown;
+and the server's (`server_logs`): JSON lines only, uvicorn's and native code's included.
 
 Why each piece is needed (all of it is undone when the command ends, so in-process callers are unaffected):
 
@@ -216,3 +217,133 @@ def cli_output(verbosity: int = 0) -> Iterator[None]:
         stack.enter_context(library_logs(verbosity))
         stack.enter_context(library_progress(verbosity))
         yield
+
+
+# -- the server's logs: JSON lines only -------------------------------------------------------------------------------
+
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "color_message"}
+_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO,
+           "debug": logging.DEBUG, "trace": 5}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: `ts` (ISO 8601, UTC, milliseconds), `level`, `logger`, `message`, then
+    the record's extra fields (`log.info(..., extra={"model": name})`), and `exc` (the traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime
+        import json
+
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds")
+        doc: dict[str, Any] = {"ts": ts.replace("+00:00", "Z"), "level": record.levelname.lower(), "logger": record.name,
+                               "message": record.getMessage().rstrip("\n")}
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_FIELDS and not key.startswith("_") and key not in doc:
+                doc[key] = value
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+class JsonHandler(logging.Handler):
+    """JSON lines on whatever `sys.stderr` is when the record comes (it is swapped while native stderr is captured)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+@contextmanager
+def server_logs(level: str = "info", *, capture_native: bool = True) -> Iterator[JsonHandler]:
+    """Everything a server process logs, as JSON lines on stderr, until the block ends.
+
+    - The root logger gets one JSON handler at `level` (uvicorn's names: critical ... debug, trace); uvicorn's loggers
+      (`uvicorn`, `uvicorn.error`) lose any handler of their own and reach it (`serve.app.uvicorn_config` passes
+      `log_config=None`, and turns uvicorn's access log off: cvdeploy's own, `cvdeploy.access`, replaces it).
+    - `cvdeploy.access` logs at INFO whatever `level` is: the access log is on unless the access middleware leaves a
+      request out (probes and scrapes, see `serve.access`).
+    - `warnings.warn` becomes a record of `py.warnings`.
+    - With `capture_native`, what native code writes to file descriptor 2 (ONNX Runtime's or OpenVINO's C++ loggers)
+      is read from a pipe, line by line, and logged as `native.stderr` warnings: no line on stderr is not JSON.
+    """
+    handler = JsonHandler()
+    root = logging.getLogger()
+    saved: list[tuple[logging.Logger, list[logging.Handler], bool, int]] = []
+    for name in ("", "uvicorn", "uvicorn.error", "cvdeploy.access"):
+        lg = logging.getLogger(name)
+        saved.append((lg, list(lg.handlers), lg.propagate, lg.level))
+        for h in [h for h in lg.handlers if _is_console(h) or name == "cvdeploy.access"]:
+            lg.removeHandler(h)
+        lg.propagate = True
+    root.addHandler(handler)
+    root.setLevel(_LEVELS.get(level.lower(), logging.INFO))
+    logging.getLogger("cvdeploy.access").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        with ExitStack() as stack:
+            if capture_native:
+                stack.enter_context(_native_stderr_logged())
+            yield handler
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
+        for lg, handlers, propagate, lvl in saved:
+            for h in handlers:
+                if h not in lg.handlers:
+                    lg.addHandler(h)
+            lg.propagate, lg.level = propagate, lvl
+
+
+@contextmanager
+def _native_stderr_logged() -> Iterator[None]:
+    """Point file descriptor 2 at a pipe whose lines are logged (`native.stderr`), and `sys.stderr` at a duplicate of
+    the real stderr (where the JSON handler writes). Does nothing when stderr is not descriptor 2."""
+    import threading
+
+    try:
+        sys.stderr.flush()
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        yield
+        return
+    if fd != 2:
+        yield
+        return
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    real = open(os.dup(saved), "w", encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115
+    old_stderr, fault_was_on = sys.stderr, faulthandler.is_enabled()
+    sys.stderr = real
+    faulthandler.enable(file=real)  # a fatal signal's traceback still reaches the real stderr
+    native = logging.getLogger("native.stderr")
+
+    def pump() -> None:
+        with open(read_end, "rb") as lines:
+            for raw in lines:
+                text = raw.decode("utf-8", "backslashreplace").rstrip()
+                if text:
+                    native.warning(text)
+
+    reader = threading.Thread(target=pump, name="cvd-stderr", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        faulthandler.disable()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the reader sees its end and stops
+        os.close(saved)
+        reader.join(timeout=2)
+        sys.stderr = old_stderr
+        real.close()
+        if fault_was_on:
+            faulthandler.enable(file=sys.stderr)

@@ -25,28 +25,34 @@ class Running:
 
 
 def start_server(sources: list[str], repository: str | None = None, *, tls: dict | None = None, client_verify=None,
-                 **settings) -> Running:
+                 wait: bool = True, before_load=None, repo=None, **settings) -> Running:
+    """Serve `sources` (or a repository built beforehand, `repo`); with `wait`, return once every model is warm (read from
+    the repository itself: with authentication on, the probe answers 401 whatever the state)."""
     import uvicorn
 
     from cvdeploy.serve.app import build_repository, create_app, uvicorn_config
     from cvdeploy.serve.repository import ServeSettings
 
-    repo = build_repository(sources, repository, ServeSettings(**settings))
+    repo = repo or build_repository(sources, repository, ServeSettings(**settings))
     port = free_port()
-    config = uvicorn_config(create_app(repo), "127.0.0.1", port, log_level="warning", settings=repo.settings, **(tls or {}))
+    config = uvicorn_config(create_app(repo, before_load=before_load), "127.0.0.1", port, log_level="warning",
+                            settings=repo.settings, **(tls or {}))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            # uvicorn binds only after the lifespan loaded every model: any answer (401 with auth on) means ready
-            if httpx.get(f"{url}/v2/health/ready", timeout=2, verify=client_verify if tls else True).status_code in (200, 401):
-                return Running(url, server, thread, repo)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
+    listening = False
+    while time.monotonic() < deadline and thread.is_alive():
+        if not listening:  # one answer (any status) says the socket is bound; more would spend rate-limit tokens
+            try:
+                httpx.get(f"{url}/v2/health/live", timeout=2, verify=client_verify if tls else True)
+                listening = True
+            except httpx.HTTPError:
+                pass
+        if listening and (not wait or repo.ready()):
+            return Running(url, server, thread, repo)
+        time.sleep(0.05)
     server.should_exit = True
     raise RuntimeError("the server did not become ready")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from cvdeploy.cli.app import app, console, fail
+from cvdeploy.cli.app import app, fail
 
 
 @app.command()
@@ -40,7 +40,13 @@ def serve(
                                                "[default: 1000]."),
     max_inflight_mb: float | None = typer.Option(None, min=1.0, help="Request memory held at once (bodies weighted by what they "
                                                  "become: JSON x12, binary x3); beyond, 503 with Retry-After [default: 512]."),
-    log_level: str = typer.Option("info", help="uvicorn log level; access logs are JSON lines on stderr."),
+    log_level: str = typer.Option("info", help="Log level (critical, error, warning, info, debug, trace). Every log line is JSON on "
+                                  "stderr; the access log is on at every level (see docs/observability.md)."),
+    log_probes: bool = typer.Option(False, "--log-probes", help="Also log health probes and /metrics scrapes in the access log "
+                                    "(left out by default). Also CVDEPLOY_SERVE_LOG_PROBES=1."),
+    public_health: bool = typer.Option(False, "--public-health", help="/v2/health/live and /v2/health/ready answer without "
+                                       "credentials (Kubernetes probes); every other route stays authenticated. Also "
+                                       "CVDEPLOY_SERVE_PUBLIC_HEALTH=1."),
     tls_cert: Path | None = typer.Option(None, help="Server certificate (PEM): serve HTTPS only, TLS 1.2 or newer."),
     tls_key: Path | None = typer.Option(None, help="The certificate's private key (PEM)."),
     tls_client_ca: Path | None = typer.Option(None, help="CA (PEM) that client certificates must be signed by: mutual TLS."),
@@ -80,6 +86,10 @@ def serve(
         from cvdeploy.serve.settings import MiB, ServeSettings
     except ImportError as e:
         raise fail(f"serving needs {e.name}: install it with `pip install 'cvdeploy[serve]'`") from None
+    levels = ("critical", "error", "warning", "info", "debug", "trace")
+    if log_level.lower() not in levels:
+        raise fail(f"--log-level {log_level!r}: one of {', '.join(levels)}")
+
     def scaled(value: float | None, unit: float) -> int | None:
         return None if value is None else int(value * unit)
 
@@ -91,7 +101,7 @@ def serve(
         keep_alive_timeout_s=keep_alive_timeout, max_connections=max_connections, max_inflight_bytes=scaled(max_inflight_mb, MiB),
         audit_anchors=str(audit_anchors) if audit_anchors is not None else None, audit_anchor_every_s=audit_anchor_every,
         io_log=str(log_io) if log_io is not None else None, io_log_sample=log_io_sample, io_log_store=log_io_store,
-        io_log_max_bytes=scaled(log_io_max_mb, MiB))
+        io_log_max_bytes=scaled(log_io_max_mb, MiB), public_health=public_health or None, log_probes=log_probes or None)
     if audit_log is not None:
         from cvdeploy.security.audit import AuditLog
         from cvdeploy.security.protect import load_key
@@ -125,6 +135,9 @@ def serve(
         os.environ[KEY_FILE_ENV] = str(key_file)  # where every Predictor of this process reads a protected bundle's key
     repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
     repo.preflight()  # a wrong or missing key, a tampered bundle: one line now, not a failed start
+    from cvdeploy.logs import server_logs
+
+    log = logging.getLogger("cvdeploy.serve")
     if workers > 1:
         if audit_log is not None:
             raise fail("--workers > 1 with --audit-log: the audit chain has one writer; run one worker per log, or --workers 1")
@@ -132,23 +145,20 @@ def serve(
             raise fail("--workers > 1 with --log-io: one I/O log directory has one writer; run one worker per directory")
         if port == 0:
             raise fail("--workers > 1 needs a fixed --port (every worker binds the same one)")
-        raise typer.Exit(_supervise(workers, settings.instances, threads))
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger("cvdeploy.access")
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    access.propagate = False
-    config = uvicorn_config(create_app(repo), host, port, tls_cert=str(tls_cert) if tls_cert else None,
+        with server_logs(log_level, capture_native=False):  # the workers' own lines pass through untouched
+            code = _supervise(workers, settings.instances, threads)
+        raise typer.Exit(code)
+    # A worker (--reuse-port) warms its models before it serves: the kernel must not hand it a connection before then
+    # (its socket, bound now, holds them in its queue). A single server listens at once and warms in the background.
+    sockets = [_reuse_port_socket(host, port)] if reuse_port else None
+    config = uvicorn_config(create_app(repo, background=not reuse_port), host, port, tls_cert=str(tls_cert) if tls_cert else None,
                             tls_key=str(tls_key) if tls_key else None, tls_client_ca=str(tls_client_ca) if tls_client_ca else None,
                             log_level=log_level, settings=settings)
     scheme = "https" if tls_cert else "http"
-    console.print(f"serving {', '.join(repo.sources())} on {scheme}://{host}:{port}"
-                  f"{' with mutual TLS' if tls_client_ca else ''} (models load and warm up before ready)")
-    if reuse_port:
-        uvicorn.Server(config).run(sockets=[_reuse_port_socket(host, port)])
-        return
-    uvicorn.Server(config).run()
+    with server_logs(log_level):
+        log.info("serving %s on %s://%s:%d%s", ", ".join(repo.sources()), scheme, host, port, " with mutual TLS" if tls_client_ca else "",
+                 extra={"models": repo.sources(), "public_health": settings.public_health, "auth": settings.auth is not None})
+        uvicorn.Server(config).run(sockets=sockets)
 
 
 def _reuse_port_socket(host: str, port: int) -> Any:
@@ -207,8 +217,8 @@ def _supervise(workers: int, instances: int, threads: int | None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    console.print(f"{workers} workers (pids {', '.join(str(p.pid) for p in procs)}), "
-                  f"{each or threads} engine thread(s) per instance", highlight=False)
+    logging.getLogger("cvdeploy.serve").info("%d workers (pids %s), %s engine thread(s) per instance", workers,
+                                             ", ".join(str(p.pid) for p in procs), each or threads)
     code = 0
     while any(p.poll() is None for p in procs):
         ended = [p for p in procs if p.poll() is not None]

@@ -64,8 +64,8 @@ def route_permission(method: str, path: str) -> str | None:
         return "audit"
     if path == "/admin/keys" or path.startswith("/admin/keys/"):
         return "keys"
-    if path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
-        return "docs"
+    if path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect") or (path.startswith("/docs/assets/") and method == "GET"):
+        return "docs"  # the pages and the assets they load (served from the package, never from a CDN)
     return None
 
 

@@ -1,9 +1,13 @@
 """Who may do what, and what is recorded: the access middleware (request ids, authentication, rate limits, RBAC,
-JSON access logs, no traceback to a client), audit entries, and the scope every inference request runs in."""
+JSON access logs, no traceback to a client), audit entries, and the scope every inference request runs in.
+
+Probes and scrapes (`/v2/health/*`, `/v2/models/*/ready`, `/metrics`) are left out of the access log unless
+`log_probes`: a kubelet probing every few seconds and Prometheus scraping every 15 s would otherwise be most of it.
+With `public_health`, `/v2/health/live` and `/v2/health/ready` (those two only) skip authentication and rate limits.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -16,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from cvdeploy.errors import AuthError, ClientAbortError, CvdeployError
+from cvdeploy.serve.health import HEALTH_PATHS
 from cvdeploy.serve.http import error_response, status_of
 from cvdeploy.serve.repository import LoadedModel, Repository
 
@@ -69,7 +74,9 @@ async def check_access(repo: Repository, request: Request) -> Response | None:
     peer = request.client.host if request.client else None
     client = policy.client_address(peer, request.headers.get("x-forwarded-for"))
     request.state.client = client
-    permission = route_permission(request.method, request.url.path)
+    path = request.url.path
+    # The API page's own scripts and styles need what the page needs (security.auth knows the page, not its assets).
+    permission = route_permission(request.method, path)
     wait = policy.rate_ok(f"addr:{client}")
     key_id = None
     try:
@@ -138,12 +145,14 @@ class AccessMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), rid_header]}
             await send(message)
 
-        metrics = self.repo.metrics
-        scraped = scope["path"] == "/metrics"  # the scrape does not count itself in flight
+        metrics, settings = self.repo.metrics, self.repo.settings
+        path = scope["path"]
+        scraped = path == "/metrics"  # the scrape does not count itself in flight
         if not scraped:
             metrics.in_flight.inc()
         try:
-            denied = await check_access(self.repo, request)
+            public = settings.public_health and path in HEALTH_PATHS
+            denied = None if public else await check_access(self.repo, request)
             if denied is not None:
                 await denied(scope, receive, send_with_id)
             else:
@@ -156,11 +165,18 @@ class AccessMiddleware:
         finally:
             if not scraped:
                 metrics.in_flight.dec()
-            metrics.responses.labels(f"{status // 100}xx" if status != 499 else "client_abort").inc()
-            if log.isEnabledFor(logging.INFO):
-                log.info(json.dumps({"ts": round(time.time(), 3), "request_id": rid, "method": request.method,
-                                     "path": request.url.path, "status": status, "ms": round((time.perf_counter() - t0) * 1000, 2),
-                                     "client": request.client.host if request.client else None}))
+            probe = is_probe(path)
+            if not probe:  # a not-ready probe's 503 is a state (cvdeploy_server_ready), not an error to alert on
+                metrics.responses.labels(f"{status // 100}xx" if status != 499 else "client_abort").inc()
+            if log.isEnabledFor(logging.INFO) and (settings.log_probes or not probe):
+                log.info("%s %s %d", request.method, path, status, extra={
+                    "request_id": rid, "method": request.method, "path": path, "status": status,
+                    "ms": round((time.perf_counter() - t0) * 1000, 2), "client": request.client.host if request.client else None})
+
+
+def is_probe(path: str) -> bool:
+    """A health probe or a metrics scrape (left out of the access log by default)."""
+    return path in HEALTH_PATHS or path == "/metrics" or (path.startswith("/v2/models/") and path.endswith("/ready"))
 
 
 
@@ -184,5 +200,7 @@ async def inference_scope(repo: Repository, m: LoadedModel, request: Request, ro
             repo.budget.release(record.lease)
             repo.metrics.requests.labels(m.name, m.version, outcome).inc()
             repo.metrics.request_duration.labels(m.name, m.version, route).observe(time.perf_counter() - t0)
+            if record.body is not None:
+                repo.metrics.request_body.labels(m.name, m.version, route).observe(len(record.body))
             audit(repo, request, "infer", outcome, f"{m.name}@{m.version}#{m.bundle.manifest.source.sha256[:12]}", record.body)
 

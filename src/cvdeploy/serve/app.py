@@ -1,16 +1,19 @@
-"""The HTTP server's factory: `create_app(repository)` wires the routes (v2, images, admin), the access middleware
-and the error map, and loads and warms every model in the app's lifespan, before the server reports ready.
+"""The HTTP server's factory: `create_app(repository)` wires the routes (health, v2, images, admin, docs), the access
+middleware and the error map; the models load and warm up in the background once the socket is bound (`health`), and
+the server reports ready when they are warm.
 
 Client errors are 4xx with ``{"error": ...}``; a full queue or memory budget is 503 with Retry-After; nothing a
 client sends produces a 500. The modules: `routes_v2`, `routes_images`, `routes_admin` (thin routes), `pipeline`
 (the Predictor's stages around the batcher), `access` (authentication, audit, access log), `http` (errors to
-statuses, bodies), `protocol` (v2 encoding), `batcher`, `repository`, `limits`, `metrics`.
+statuses, bodies), `protocol` (v2 encoding), `batcher`, `repository`, `limits`, `metrics`, `health` (startup and probes),
+`docs` (the API pages from packaged assets).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,15 +21,22 @@ from fastapi import FastAPI
 
 from cvdeploy import __version__
 from cvdeploy.errors import InputError
-from cvdeploy.serve import routes_admin, routes_images, routes_v2
+from cvdeploy.serve import docs, health, routes_admin, routes_images, routes_v2
 from cvdeploy.serve.access import AccessMiddleware
 from cvdeploy.serve.http import install_error_handlers
 from cvdeploy.serve.metrics import ServerMetrics
 from cvdeploy.serve.repository import Repository, ServeSettings
 
 
-def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
+def create_app(repository: Repository, *, load_all: bool = True, background: bool = True,
+               before_load: Callable[[], Any] | None = None) -> FastAPI:
+    """The app serving `repository`. Its models load when the app starts (`load_all`): in the background once the
+    socket is bound (`background`, so that probes get answers at once), or before it is bound (the workers of
+    `serve --workers`, so that the kernel never hands a connection to a worker that is not warm). `before_load`, a
+    blocking callable run in a worker thread, runs before the first load (see `health.Startup`)."""
     repo = repository
+    startup = health.Startup(repo, before_load=before_load)
+    repo.metrics.track_readiness(repo.ready)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,11 +63,11 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
             s = repo.settings
             repo.iolog = IOLog(s.io_log, sample=s.io_log_sample, store=s.io_log_store, max_bytes=s.io_log_max_bytes)
         if load_all:
-            for name in repo.sources():
-                await repo.load(name)  # loaded and warmed before the first request is accepted
-        app.state.ready = True
+            task = startup.begin(background=background)
+            if not background:
+                await task
         yield
-        app.state.ready = False
+        await startup.stop()
         await repo.close()  # graceful: drain what was accepted
         if repo.denials is not None:
             repo.denials.flush()
@@ -66,15 +76,17 @@ def create_app(repository: Repository, *, load_all: bool = True) -> FastAPI:
         if repo.iolog is not None:
             repo.iolog.close()
 
-    app = FastAPI(title="cvdeploy", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="cvdeploy", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Open Inference Protocol v2 (KServe, Triton-compatible) and an image API for YOLO bundles.")
-    app.state.ready = False
+    app.state.startup = startup
 
     install_error_handlers(app)
     app.add_middleware(AccessMiddleware, repo=repo)
+    health.register(app, repo)
     routes_v2.register(app, repo)
     routes_images.register(app, repo)
     routes_admin.register(app, repo)
+    docs.register(app)
     return app
 
 
@@ -108,7 +120,10 @@ def uvicorn_config(app: FastAPI, host: str, port: int, *, tls_cert: str | None =
 
         context = server_context(tls_cert, tls_key, tls_client_ca)  # type: ignore[arg-type]
         kw = {"ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,
+    # log_config=None: uvicorn's loggers keep no handler of their own and reach the process's (cvdeploy.logs.server_logs:
+    # JSON lines); its access log is off, cvdeploy's own (serve.access) replaces it.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None,
+                            timeout_graceful_shutdown=30,
                             http=guarded_protocol(s.header_timeout_s, s.max_connections),
                             timeout_keep_alive=s.keep_alive_timeout_s, **kw)  # type: ignore[arg-type]
     config.load()

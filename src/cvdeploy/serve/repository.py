@@ -4,6 +4,10 @@ Layout of a repository directory (as Triton's): ``DIR/<model>/<version>/`` where
 directory is a bundle (``manifest.json`` ...). A model given as a bare bundle path is version 1.
 A load builds and warms the new version completely before it becomes visible; if it fails, the
 version that was serving keeps serving.
+
+Each model has a state, which the health routes report: `loading` (its first load and warm-up are running; requests
+for it get 503 with Retry-After), `ready`, `failed` (no version could be loaded; 503 too, with the reason) or
+`unloaded` (known, not served: 404). The server is ready when no model is loading or failed and one at least serves.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.errors import InputError, NotFoundError
+from cvdeploy.errors import InputError, NotFoundError, ServerBusyError
 from cvdeploy.serve.batcher import BatchStats, DynamicBatcher, Served
 from cvdeploy.serve.metrics import ServerMetrics
 from cvdeploy.serve.settings import ServeSettings
+
+LOADING, READY, FAILED, UNLOADED = "loading", "ready", "failed", "unloaded"
 
 
 @dataclass
@@ -60,6 +66,8 @@ class Repository:
         self.metrics = metrics
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._sources: dict[str, Path] = {}  # model name -> its repository folder or bundle path
+        self._state: dict[str, str] = {}  # model name -> LOADING, READY, FAILED or UNLOADED
+        self._error: dict[str, str] = {}  # model name -> why its last load failed
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
         from cvdeploy.serve.limits import ByteBudget
@@ -76,6 +84,11 @@ class Repository:
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         versions = self._models.get(name)
         if not versions:
+            state = self._state.get(name)
+            if state == LOADING:
+                raise ServerBusyError(f"model {name!r} is loading and warming up; retry shortly")
+            if state == FAILED:
+                raise ServerBusyError(f"model {name!r} could not be loaded ({self._error.get(name)}); it serves once a reload succeeds")
             raise NotFoundError(f"model {name!r} is not loaded (loaded: {', '.join(self.names()) or 'none'})")
         if version is None:
             return versions[max(versions, key=_version_key)]
@@ -91,12 +104,34 @@ class Repository:
         return sorted(self._models.get(name, {}), key=_version_key)
 
     def index(self) -> list[dict[str, str]]:
+        """Triton's repository index: READY, LOADING or UNAVAILABLE (with the reason when a load failed)."""
         out = []
         for name, src in sorted(self._sources.items()):
             loaded = self._models.get(name, {})
             for v in _discover_versions(src) or ["1"]:
-                out.append({"name": name, "version": v, "state": "READY" if v in loaded else "UNAVAILABLE"})
+                row = {"name": name, "version": v, "state": "READY" if v in loaded else
+                       "LOADING" if self._state.get(name) == LOADING else "UNAVAILABLE"}
+                if v not in loaded and name in self._error:
+                    row["reason"] = self._error[name]
+                out.append(row)
         return out
+
+    def state(self, name: str) -> tuple[str, str | None]:
+        """A known model's state and, when its last load failed, why."""
+        if name not in self._sources:
+            raise NotFoundError(f"model {name!r} is not in the repository (known: {', '.join(sorted(self._sources)) or 'none'})")
+        return self._state[name], self._error.get(name)
+
+    def ready(self) -> bool:
+        """No model loading or failed, one at least serving (an unloaded model was taken out on purpose)."""
+        states = self._state.values()
+        return READY in states and all(s in (READY, UNLOADED) for s in states)
+
+    def mark_loading(self, names: list[str]) -> None:
+        """Models about to be loaded answer 503 (not 404) from now on: called before the server accepts requests."""
+        for n in names:
+            if n not in self._models:
+                self._state[n] = LOADING
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -112,6 +147,8 @@ class Repository:
                 raise InputError(f"{p} is neither a bundle nor a model folder of version bundles (<model>/<version>/manifest.json)")
             model_name = name or p.name
         self._sources[model_name] = p
+        self._state.setdefault(model_name, UNLOADED)
+        self.metrics.load_failures.labels(model_name)  # a 0 from the start: alerts on its increase see the first failure
         return model_name
 
     def add_repository(self, root: str | os.PathLike[str]) -> list[str]:
@@ -156,17 +193,26 @@ class Repository:
         versions = _discover_versions(src)
         targets = {v: src / v for v in versions} if versions else {"1": src}
         async with self._lock:
+            if name not in self._models:
+                self._state[name] = LOADING
             fresh: dict[str, LoadedModel] = {}
             try:
                 for v, path in targets.items():
                     fresh[v] = await asyncio.to_thread(self._open, name, v, path)
                     await self._warm(fresh[v])
-            except BaseException:
+            except BaseException as e:
                 for m in fresh.values():
                     await m.batcher.stop()
+                if isinstance(e, Exception):  # not a cancellation (shutdown)
+                    self.metrics.load_failures.labels(name).inc()
+                    self._error[name] = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                    if name not in self._models:  # else the version that was serving still serves
+                        self._state[name] = FAILED
                 raise
             old = self._models.get(name, {})
             self._models[name] = fresh
+            self._state[name] = READY
+            self._error.pop(name, None)
             for v in fresh:
                 self.metrics.model_state.labels(name, v).set(1)
             for v, m in old.items():
@@ -181,7 +227,11 @@ class Repository:
         async with self._lock:
             old = self._models.pop(name, None)
             if old is None:
+                if self._state.get(name) == FAILED:  # taken out on purpose: the server can be ready without it
+                    self._state[name] = UNLOADED
+                    return
                 raise NotFoundError(f"model {name!r} is not loaded")
+            self._state[name] = UNLOADED
             for v, m in old.items():
                 self.metrics.model_state.labels(name, v).set(0)
                 await _drain_and_stop(m)

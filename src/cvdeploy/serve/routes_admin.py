@@ -51,10 +51,10 @@ def register(app: FastAPI, repo: Repository) -> None:
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
         for n in repo.names():
             for v in repo.versions(n):
                 repo.metrics.queue_depth.labels(n, v).set(repo.get(n, v).batcher.depth)
-        return Response(generate_latest(repo.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(repo.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,4 +1,4 @@
-"""Open Inference Protocol v2 routes (KServe, Triton-compatible): health, metadata, inference, repository control."""
+"""Open Inference Protocol v2 routes (KServe, Triton-compatible): metadata, inference, repository control (health: `health`)."""
 
 from __future__ import annotations
 
@@ -65,15 +65,6 @@ def register(app: FastAPI, repo: Repository) -> None:
     async def server_metadata() -> dict:
         return {"name": "cvdeploy", "version": __version__, "extensions": EXTENSIONS}
 
-    @app.get("/v2/health/live")
-    async def live() -> Response:
-        return Response(status_code=200)
-
-    @app.get("/v2/health/ready")
-    async def ready() -> Response:
-        ok = app.state.ready and bool(repo.names())
-        return Response(status_code=200 if ok else 503)
-
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> dict:
@@ -81,12 +72,6 @@ def register(app: FastAPI, repo: Repository) -> None:
         meta = _metadata(m)
         meta["versions"] = repo.versions(name)
         return meta
-
-    @app.get("/v2/models/{name}/ready")
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str | None = None) -> Response:
-        repo.get(name, version)
-        return Response(status_code=200)
 
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")

@@ -54,6 +54,10 @@ class ServeSettings(BaseModel):
     io_log_sample: float = Field(0.05, ge=0, le=1)
     io_log_store: str = Field("thumbnail", pattern="^(image|thumbnail|hash)$")
     io_log_max_bytes: int = Field(256 * MiB, ge=MiB)
+    # probes and logs (docs/observability.md)
+    public_health: bool = Field(False, description="/v2/health/live and /v2/health/ready answer without credentials "
+                                "(Kubernetes probes); every other route stays authenticated")
+    log_probes: bool = Field(False, description="health probes and /metrics scrapes appear in the access log too")
     # runtime objects, set by the caller
     audit: Any = Field(None, exclude=True)  # a cvdeploy.security.audit.AuditLog
     auth: Any = Field(None, exclude=True)  # a cvdeploy.security.auth.AuthPolicy (None: no authentication, keep to loopback)
