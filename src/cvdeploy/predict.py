@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 
 from cvdeploy.bundle import Bundle
 from cvdeploy.errors import InputError
 from cvdeploy.runtime import open_engine
+from cvdeploy.runtime.exports import OpenVinoExport, is_openvino_export, openvino_export
 from cvdeploy.runtime.onnxruntime import OrtOptions
 from cvdeploy.vision.image import DecodeLimits, ImageSource, load_image
 from cvdeploy.vision.letterbox import LetterboxParams, LetterboxSpec, preprocess
@@ -31,6 +34,15 @@ from cvdeploy.vision.postprocess import DetectOptions, decode_detect_batch
 from cvdeploy.vision.result import Result, Timings
 
 SUPPORTED_TASKS = ("detect",)
+# Ultralytics' predict arguments that mean something here (`predict`, `__call__`); any other is refused, naming these.
+PREDICT_OPTIONS = ("conf", "iou", "classes", "max_det", "agnostic_nms", "imgsz", "half", "save", "project", "name",
+                   "verbose", "stream")
+# Ultralytics arguments people pass out of habit, with what to do instead.
+_OPTION_HINTS = {
+    "device": "the device is chosen when the Predictor is made: Predictor(model, engine_options=OrtOptions(providers=('cuda',)))",
+    "batch": "images are batched up to max_batch: Predictor(model, max_batch=8), then predict a list",
+    "source": "pass the images as the first argument",
+}
 
 
 def _ms(t0: float, t1: float) -> float:
@@ -40,9 +52,13 @@ def _ms(t0: float, t1: float) -> float:
 class Predictor:
     """Runs a bundle (or a plain Ultralytics .onnx) on images and returns `Result`s.
 
+    `model` is a bundle directory, a plain Ultralytics .onnx (nms=True exports included), an Ultralytics OpenVINO export
+    (the `*_openvino_model/` directory or its .xml), or a loaded Bundle.
+
     >>> p = Predictor("yolo11n-shapes.cvd", conf=0.3)
     >>> result = p.predict("image.jpg")            # one image -> Result
     >>> results = p.predict(["a.jpg", "b.png"])    # a list -> list[Result], batched through the engine
+    >>> r = p("image.jpg")[0]                      # Ultralytics' model(source): always a list
     >>> result = await p.apredict(jpeg_bytes)      # from async code
     """
 
@@ -62,7 +78,7 @@ class Predictor:
         model_key: bytes | None = None,  # for a protected bundle (else from $CVDEPLOY_MODEL_KEY_FILE, ...)
         threads: int | None = None,  # engine threads, over the bundle's tuned hint (the server splits cores among instances)
     ) -> None:
-        self.bundle = model if isinstance(model, Bundle) else Bundle.load(model)
+        self.bundle = open_model(model)
         m = self.bundle.manifest
         if m.task not in SUPPORTED_TASKS:
             raise InputError(f"the Predictor runs {', '.join(SUPPORTED_TASKS)} models; {self.bundle.name!r} is a {m.task} model")
@@ -99,7 +115,7 @@ class Predictor:
         self.spec: LetterboxSpec = m.preprocess.letterbox()
         if len(inp.shape) != 4:
             raise InputError(f"model input {inp.name!r} has shape {list(inp.shape)}; expected an NCHW image tensor")
-        fixed = isinstance(inp.shape[2], int) and isinstance(inp.shape[3], int)
+        self._fixed = fixed = isinstance(inp.shape[2], int) and isinstance(inp.shape[3], int)
         if fixed:
             # A fixed-size graph takes exactly its own size: no minimal-padding rectangles.
             self.spec = replace(self.spec, imgsz=(inp.shape[2], inp.shape[3]), rect=False)
@@ -125,15 +141,68 @@ class Predictor:
         return self.bundle.names
 
     def detect_options(self, **overrides: Any) -> DetectOptions:
-        """The Predictor's options with per-call `conf`, `iou`, `max_det`, `classes` (None keeps the default; classes=None
-        keeps every class). Unknown names are refused."""
-        unknown = set(overrides) - {"conf", "iou", "max_det", "classes"}
+        """The Predictor's options with per-call `conf`, `iou`, `max_det`, `classes`, `agnostic_nms` (None keeps the
+        default; classes=None keeps every class). Unknown names are refused."""
+        unknown = set(overrides) - {"conf", "iou", "max_det", "classes", "agnostic_nms"}
         if unknown:
             raise InputError(f"unknown prediction option(s): {', '.join(sorted(unknown))}")
         if overrides.get("classes") is not None:
             overrides["classes"] = tuple(int(c) for c in overrides["classes"])
+        if "agnostic_nms" in overrides:
+            overrides["agnostic"] = bool(overrides.pop("agnostic_nms"))
         return replace(self.options, **{k: v for k, v in overrides.items() if v is not None or k == "classes"})
 
+    def call_options(self, **options: Any) -> CallOptions:
+        """Every option of `predict` and `__call__` checked at once (Ultralytics' names, `PREDICT_OPTIONS`), before any
+        image is read: thresholds, imgsz, half, save, verbose, stream."""
+        unknown = sorted(set(options) - set(PREDICT_OPTIONS))
+        if unknown:
+            hints = "; ".join(f"{k}: {_OPTION_HINTS[k]}" for k in unknown if k in _OPTION_HINTS)
+            raise InputError(f"unknown prediction option(s): {', '.join(unknown)}; supported: {', '.join(PREDICT_OPTIONS)}"
+                             + (f" ({hints})" if hints else ""))
+        detect = self.detect_options(**{k: options[k] for k in ("conf", "iou", "max_det", "classes", "agnostic_nms")
+                                        if k in options})
+        if options.get("half"):
+            self._check_half()
+        save = options.get("save", False)
+        if not isinstance(save, bool):
+            raise InputError(f"save must be True or False, got {save!r} (the folder is project/name, default runs/detect/predict)")
+        save_dir = Path(options.get("project") or "runs/detect") / str(options.get("name") or "predict") if save else None
+        return CallOptions(detect, self._spec_for(options.get("imgsz")), save_dir, bool(options.get("verbose", False)),
+                           bool(options.get("stream", False)))
+
+    def _spec_for(self, imgsz: Any) -> LetterboxSpec:
+        """The letterbox for a per-call imgsz (an int or (height, width)): the Predictor's own when it is the same size;
+        another only for a model whose graph takes any size."""
+        if imgsz is None:
+            return self.spec
+        hw: tuple[int, ...] = ()
+        if isinstance(imgsz, int | np.integer) and not isinstance(imgsz, bool):
+            hw = (int(imgsz), int(imgsz))
+        elif isinstance(imgsz, list | tuple) and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in imgsz):
+            hw = tuple(int(v) for v in imgsz)
+        if len(hw) != 2:
+            raise InputError(f"imgsz must be an integer or (height, width), got {imgsz!r}")
+        if hw == tuple(self.spec.imgsz):
+            return self.spec
+        h, w = self.spec.imgsz
+        if self._fixed:
+            raise InputError(f"imgsz {imgsz} refused: this model's input is fixed at {h}x{w} (height x width) in its graph; "
+                             f"leave imgsz out, or export the model with dynamic=True (or build the bundle at that size)")
+        if min(hw) < self.spec.stride or any(v % self.spec.stride for v in hw):
+            raise InputError(f"imgsz must be a positive multiple of the stride ({self.spec.stride}), got {imgsz}")
+        return replace(self.spec, imgsz=hw)
+
+    def _check_half(self) -> None:
+        variants = self.bundle.manifest.variants
+        if variants[self.variant].precision == "fp16":
+            return
+        fp16 = [n for n, v in variants.items() if v.precision == "fp16"]
+        if fp16:
+            raise InputError(f"half=True: this Predictor runs {self.variant}; open the fp16 variant to run in half precision: "
+                             f"Predictor(model, variant={fp16[0]!r})")
+        raise InputError(f"half=True: {self.bundle.name!r} has no fp16 variant to run (half precision pays off on a GPU): "
+                         "build one with `cvdeploy build MODEL.pt -o OUT.cvd --variants onnx-fp32,onnx-fp16`")
 
     # -- the stages ------------------------------------------------------------------------------
 
@@ -141,13 +210,14 @@ class Predictor:
         """Stage 1: any image source -> HxWx3 BGR uint8, within this Predictor's decode limits."""
         return load_image(source, limits=self.limits)
 
-    def prepare(self, images: list[np.ndarray]) -> Prepared:
+    def prepare(self, images: list[np.ndarray], *, spec: LetterboxSpec | None = None) -> Prepared:
         """Stage 2: the bundle's letterbox and normalisation -> one NCHW float32 tensor (minimal-padding rectangle when
-        every image has the same shape, Ultralytics' rule; square otherwise) and each image's letterbox parameters."""
+        every image has the same shape, Ultralytics' rule; square otherwise) and each image's letterbox parameters.
+        `spec` replaces the Predictor's letterbox for this call (a per-call imgsz)."""
         if not images:
             raise InputError("no images to prepare")
         t0 = time.perf_counter()
-        tensor, params = preprocess(images, self.spec)
+        tensor, params = preprocess(images, spec or self.spec)
         return Prepared(tensor, params, [im.shape[:2] for im in images], _ms(t0, time.perf_counter()) / len(images))
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
@@ -181,43 +251,92 @@ class Predictor:
 
     # -- the stages composed -----------------------------------------------------------------------
 
-    def _predict_many(self, sources: Sequence[ImageSource], options: DetectOptions) -> list[Result]:
-        decoded: list[tuple[np.ndarray, float]] = []
-        for src in sources:
-            t0 = time.perf_counter()
-            img = self.decode(src)
-            decoded.append((img, _ms(t0, time.perf_counter())))
-        results: list[Result] = []
-        for start in range(0, len(decoded), self.max_batch):
-            chunk = decoded[start : start + self.max_batch]
-            prepared = self.prepare([im for im, _ in chunk])
-            t0 = time.perf_counter()
-            outputs = self.infer_all(prepared.tensor)
-            infer = _ms(t0, time.perf_counter()) / len(chunk)
-            timings = [Timings(decode=ms, preprocess=prepared.ms_per_image, infer=infer) for _, ms in chunk]
-            results += self.finish(prepared, outputs, options=options, timings=timings,
-                                   sources=[_source_name(s) for s in sources[start : start + self.max_batch]])
+    def _decode_timed(self, src: ImageSource) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        img = self.decode(src)
+        return img, _ms(t0, time.perf_counter())
+
+    def _run(self, chunk: list[tuple[ImageSource, np.ndarray, float]], call: CallOptions) -> list[Result]:
+        """One engine run over decoded images: prepare, infer, finish; the Results keep their images (for plot)."""
+        prepared = self.prepare([im for _, im, _ in chunk], spec=call.spec)
+        t0 = time.perf_counter()
+        outputs = self.infer_all(prepared.tensor)
+        infer = _ms(t0, time.perf_counter()) / len(chunk)
+        timings = [Timings(decode=ms, preprocess=prepared.ms_per_image, infer=infer) for _, _, ms in chunk]
+        results = self.finish(prepared, outputs, options=call.detect, timings=timings,
+                              sources=[_source_name(src) for src, _, _ in chunk])
+        for r, (_, im, _) in zip(results, chunk, strict=True):
+            r.orig_img = im
+        if call.verbose or call.save_dir is not None:
+            call.report(results, prepared.tensor.shape)
         return results
 
+    def _predict_many(self, sources: Sequence[ImageSource], call: CallOptions) -> list[Result]:
+        # Every image is decoded before the engine runs: a bad one refuses the call before any work is spent.
+        decoded = [(src, *self._decode_timed(src)) for src in sources]
+        results: list[Result] = []
+        for start in range(0, len(decoded), self.max_batch):
+            results += self._run(decoded[start : start + self.max_batch], call)
+        call.done()
+        return results
+
+    def _predict_stream(self, sources: Iterable[ImageSource], call: CallOptions) -> Iterator[Result]:
+        # Lazily, max_batch images at a time: a long list (or a generator) is never held decoded all at once.
+        chunk: list[tuple[ImageSource, np.ndarray, float]] = []
+        for src in sources:
+            chunk.append((src, *self._decode_timed(src)))
+            if len(chunk) == self.max_batch:
+                yield from self._run(chunk, call)
+                chunk = []
+        if chunk:
+            yield from self._run(chunk, call)
+        call.done()
+
     @overload
-    def predict(self, images: ImageSource, **overrides: Any) -> Result: ...
+    def predict(self, images: ImageSource, *, stream: Literal[False] = ..., **options: Any) -> Result: ...
     @overload
-    def predict(self, images: list[ImageSource] | tuple[ImageSource, ...], **overrides: Any) -> list[Result]: ...
+    def predict(self, images: list[ImageSource] | tuple[ImageSource, ...], *, stream: Literal[False] = ...,
+                **options: Any) -> list[Result]: ...
+    @overload
+    def predict(self, images: ImageSource | Iterable[ImageSource], *, stream: Literal[True], **options: Any) -> Iterator[Result]: ...
 
-    def predict(self, images: ImageSource | list[ImageSource] | tuple[ImageSource, ...], **overrides: Any) -> Result | list[Result]:
-        """One image -> Result; a list or tuple -> list[Result] (batched). Overrides: conf, iou, max_det, classes."""
-        options = self.detect_options(**overrides)
-        if isinstance(images, list | tuple):
-            if not images:
-                raise InputError("no images given")
-            return self._predict_many(images, options)
-        return self._predict_many([images], options)[0]
+    def predict(self, images: ImageSource | Iterable[ImageSource], **options: Any) -> Result | list[Result] | Iterator[Result]:
+        """One image -> Result; a list or tuple -> list[Result] (batched); stream=True -> a generator of Results, read
+        and run max_batch images at a time (the images may then come from any iterator).
 
-    __call__ = predict
+        Options, Ultralytics' names (`PREDICT_OPTIONS`): conf, iou, classes, max_det, agnostic_nms; imgsz (the model's
+        own size, or any multiple of the stride for a dynamic-shape model); half (only when running an fp16 variant);
+        save (annotated images into project/name, default runs/detect/predict); verbose (a line per image on stderr).
+        Every option is checked before any image is read; any other name is refused.
+        """
+        call = self.call_options(**options)
+        many = isinstance(images, list | tuple) or (call.stream and isinstance(images, Iterator))
+        if isinstance(images, list | tuple) and not images:
+            raise InputError("no images given")
+        if call.stream:
+            return self._predict_stream(images if many else [images], call)  # type: ignore[list-item, arg-type]
+        results = self._predict_many(images if many else [images], call)  # type: ignore[arg-type, list-item]
+        return results if many else results[0]
 
-    async def apredict(self, image: ImageSource, **overrides: Any) -> Result:
+    def __call__(self, source: ImageSource | Iterable[ImageSource], **options: Any) -> list[Result] | Iterator[Result]:
+        """Ultralytics' `model(source)`: always a list of Results, one per image (a generator with stream=True), so that
+        `predictor(image)[0].boxes.xyxy` reads as it does with Ultralytics. Options as `predict`."""
+        if options.get("stream"):
+            return self.predict(source if isinstance(source, list | tuple | Iterator) else [source], **options)  # type: ignore[arg-type, list-item]
+        return self.predict(list(source) if isinstance(source, list | tuple | Iterator) else [source], **options)  # type: ignore[arg-type, list-item]
+
+    def stream(self, source: Any, **options: Any) -> Iterator[Any]:
+        """Predict every frame of a video, stream, webcam, directory or glob as it arrives: `cvdeploy.sources.stream`
+        (see docs/sources.md) with this Predictor; yields one FrameResult per frame."""
+        from cvdeploy.sources import stream
+
+        return stream(self, source, **options)
+
+    async def apredict(self, image: ImageSource, **options: Any) -> Result:
         """The same as `predict` for one image, off the event loop (ONNX Runtime releases the GIL)."""
-        return await asyncio.to_thread(self.predict, image, **overrides)
+        if options.get("stream"):
+            raise InputError("apredict does not stream: call it once per image, or iterate predict(images, stream=True) in a thread")
+        return await asyncio.to_thread(self.predict, image, **options)
 
     def preprocess(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[LetterboxParams]]:
         """`prepare` as (tensor, letterbox parameters), for tools that feed the engine themselves."""
@@ -245,6 +364,42 @@ class Prepared:
     params: list[LetterboxParams]  # how each image was letterboxed (to scale boxes back)
     shapes: list[tuple[int, int]]  # each image's (height, width)
     ms_per_image: float = 0.0  # the time `prepare` took, shared out
+
+
+@dataclass
+class CallOptions:
+    """One `predict` call's settings, checked up front (`Predictor.call_options`), and what it reports as it goes:
+    `verbose` lines on stderr (stdout is for results) and annotated images written under `save_dir`."""
+
+    detect: DetectOptions
+    spec: LetterboxSpec
+    save_dir: Path | None = None
+    verbose: bool = False
+    stream: bool = False
+    _seen: int = 0
+    _ms: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    _shape: tuple[int, ...] = ()
+
+    def report(self, results: list[Result], input_shape: tuple[int, ...]) -> None:
+        h, w = input_shape[2:]
+        for r in results:
+            self._seen += 1
+            if self.save_dir is not None:
+                r.save(self.save_dir / (Path(r.source).name if r.source else f"image{self._seen - 1}.jpg"))
+            if self.verbose:
+                where = f" {r.source}" if r.source else ""
+                print(f"image {self._seen}{where}: {h}x{w} {r.verbose()}{r.timings.infer:.1f}ms", file=sys.stderr)
+            t = r.timings
+            self._ms = (self._ms[0] + t.preprocess, self._ms[1] + t.infer, self._ms[2] + t.postprocess)
+        self._shape = (1, *input_shape[1:])
+
+    def done(self) -> None:
+        if self.verbose and self._seen:
+            pre, inf, post = (v / self._seen for v in self._ms)
+            print(f"Speed: {pre:.1f}ms preprocess, {inf:.1f}ms inference, {post:.1f}ms postprocess per image at shape "
+                  f"{self._shape}", file=sys.stderr)
+        if self.verbose and self.save_dir is not None:
+            print(f"Results saved to {self.save_dir}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -297,6 +452,49 @@ def variant_choice(bundle: Bundle, providers: Sequence[str] | None = None, *, ma
 def choose_variant(bundle: Bundle, providers: Sequence[str] | None = None, **inject: Any) -> str:
     """The name `variant_choice` picks (see there)."""
     return variant_choice(bundle, providers, **inject).name
+
+
+def open_model(model: str | os.PathLike[str] | Bundle) -> Bundle:
+    """What the Predictor opens: a loaded Bundle as is; an Ultralytics OpenVINO export (its `*_openvino_model/`
+    directory or its .xml) as a one-variant bundle from its metadata.yaml; anything else through `Bundle.load` (bundle
+    directories, plain Ultralytics .onnx files, nms=True exports included)."""
+    if isinstance(model, Bundle):
+        return model
+    if is_openvino_export(model):
+        return _openvino_bundle(openvino_export(model))
+    return Bundle.load(model)
+
+
+def _openvino_bundle(export: OpenVinoExport) -> Bundle:
+    """An Ultralytics OpenVINO export described as a one-variant bundle, as `Bundle.from_onnx` describes an .onnx."""
+    from cvdeploy import __version__
+    from cvdeploy.bundle.bundle import sha256_file
+    from cvdeploy.bundle.manifest import Manifest, PostprocessSpec, PreprocessSpec, SourceInfo, TensorInfo, Variant
+    from cvdeploy.runtime.openvino import read_io
+
+    meta, xml = export.metadata, export.xml
+    inputs, outputs = read_io(xml)
+    digest, weights = sha256_file(xml), sha256_file(export.weights)
+    manifest = Manifest(
+        name=xml.stem,
+        task=meta.task,  # type: ignore[arg-type]
+        names=meta.names,
+        input=TensorInfo(name=inputs[0].name, shape=list(inputs[0].shape), dtype=inputs[0].dtype),  # type: ignore[arg-type]
+        outputs=[TensorInfo(name=o.name, shape=list(o.shape), dtype=o.dtype) for o in outputs],  # type: ignore[arg-type]
+        preprocess=PreprocessSpec(imgsz=meta.imgsz, stride=meta.stride),
+        postprocess=PostprocessSpec(end2end=meta.end2end),
+        # Computed in f32 whatever the weights are stored in (a half=True export compresses them to fp16): OpenVINO's CPU
+        # plugin would otherwise pick bf16 on CPUs that have it.
+        variants={"openvino-fp32": Variant(file=xml.name, format="openvino", engine="openvino", precision="fp32", sha256=digest,
+                                           size_bytes=xml.stat().st_size + export.weights.stat().st_size,
+                                           companions={export.weights.name: weights})},
+        default_variant="openvino-fp32",
+        source=SourceInfo(file=xml.name, sha256=digest, format="openvino", exporter=meta.version and f"ultralytics {meta.version}",
+                          golden_images=""),
+        created_at=meta.date or datetime.now(UTC).isoformat(),
+        cvdeploy_version=__version__,
+    )
+    return Bundle(manifest, None, onnx_path=xml)
 
 
 def _with_threads(options: Any, kind: str, threads: int) -> Any:

@@ -167,13 +167,13 @@ def test_to_dict_for_classification() -> None:
         {"class_id": 0, "class_name": "circle", "confidence": 0.1},
     ]
     assert "detections" not in d
-    assert r.summary() == "square 0.88"
+    assert r.line() == "square 0.88"
 
 
 def test_summary_counts_per_class() -> None:
-    assert _result().summary() == "2 circle, 1 star"
+    assert _result().line() == "2 circle, 1 star"
     r = Result("detect", NAMES, (10, 10), detections=Detections.empty())
-    assert r.summary() == "no detections"
+    assert r.line() == "no detections"
     assert r.to_dict()["detections"] == []
 
 

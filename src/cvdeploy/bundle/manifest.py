@@ -150,7 +150,7 @@ class ProfileInfo(_Model):
 class SourceInfo(_Model):
     file: str
     sha256: str
-    format: Literal["pt", "onnx"]
+    format: Literal["pt", "onnx", "openvino"]
     exporter: str | None = None  # e.g. "ultralytics 8.4.190"
     golden_images: str = ""  # where the golden inputs came from
 

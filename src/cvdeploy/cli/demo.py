@@ -58,7 +58,7 @@ def demo(
             result = predictor.predict(f)
             cv2.imwrite(str(pred_dir / f.name), draw(load_image(f), result))
             h, w = result.orig_shape
-            rows.append((f.name, f"{w}x{h}", result.summary(), f"{result.timings.total:.1f}"))
+            rows.append((f.name, f"{w}x{h}", result.line(), f"{result.timings.total:.1f}"))
             progress.advance(task)
     console.print(results_table(rows, title=f"{predictor.bundle.name} · {predictor.variant} · {predictor.engine.provider}"))
     console.print(f"annotated images: {pred_dir.resolve()}", soft_wrap=True)

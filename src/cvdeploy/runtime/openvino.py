@@ -46,9 +46,26 @@ class OvOptions:
             raise InputError("num_threads must be >= 0 (0 lets OpenVINO choose)")
 
 
-def _spec(port: Any) -> TensorSpec:
+def _spec(port: Any, fallback: str) -> TensorSpec:
+    """`fallback` names a port that has no name (Ultralytics' OpenVINO exports leave the output unnamed)."""
     shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
-    return TensorSpec(port.get_any_name(), shape, _OV_DTYPES.get(port.get_element_type().get_type_name(), "float32"))
+    name = port.get_any_name() if port.get_names() else fallback
+    return TensorSpec(name, shape, _OV_DTYPES.get(port.get_element_type().get_type_name(), "float32"))
+
+
+def _specs(ports: Any, kind: str) -> list[TensorSpec]:
+    return [_spec(p, f"{kind}{i}") for i, p in enumerate(ports)]
+
+
+def read_io(xml: str | os.PathLike[str]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The inputs and outputs of an IR model, read without compiling it."""
+    p = Path(xml)
+    ov = _ov()
+    try:
+        model = ov.Core().read_model(str(p))
+    except Exception as e:
+        raise EngineError(f"OpenVINO could not read {p}: {str(e).splitlines()[0]}") from e
+    return _specs(model.inputs, "input"), _specs(model.outputs, "output")
 
 
 class OvEngine:
@@ -78,8 +95,8 @@ class OvEngine:
         except Exception as e:
             raise EngineError(f"OpenVINO could not load {where}: {str(e).splitlines()[0]}") from e
         self.options = options
-        self._inputs = [_spec(i) for i in self._compiled.inputs]
-        self._outputs = [_spec(o) for o in self._compiled.outputs]
+        self._inputs = _specs(self._compiled.inputs, "input")
+        self._outputs = _specs(self._compiled.outputs, "output")
         self._local = threading.local()
 
     @property
@@ -112,8 +129,8 @@ class OvEngine:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
-        try:
-            result = request.infer(feeds)
+        try:  # fed by port index: a port's name may be one this engine made up (see _spec)
+            result = request.infer({i: feeds[spec.name] for i, spec in enumerate(self._inputs)})
         except Exception as e:
             raise EngineError(f"OpenVINO failed to run the model: {str(e).splitlines()[0]}") from e
         return {o.name: np.array(result[k], copy=True) for o, k in zip(self._outputs, self._compiled.outputs, strict=True)}

@@ -1,9 +1,11 @@
-"""The one detections type: parallel numpy arrays, validated on construction, filtered by indexing."""
+"""The one detections type: parallel numpy arrays, validated on construction, filtered by indexing; and `Boxes`, the
+Ultralytics-shaped view of it that `Result.boxes` offers."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -80,3 +82,92 @@ class Classifications:
 
     def __len__(self) -> int:
         return len(self.class_id)
+
+
+class Boxes:
+    """Ultralytics' `Results.boxes`, in numpy: `data` is (n, 6) float32 rows of x1, y1, x2, y2, conf, cls.
+
+    The properties are those of `ultralytics.engine.results.Boxes` with the same shapes, dtypes and values: `xyxy`
+    (n, 4), `conf` (n,), `cls` (n,) float32 (class ids as floats, as Ultralytics keeps them), `xywh`, `xyxyn`, `xywhn`
+    (normalised by `orig_shape`), `id` (None: no tracking), `len()`. Indexing keeps two dimensions (`boxes[0].xyxy` is
+    (1, 4)); iterating yields one-row Boxes. `cpu()` and `numpy()` return the Boxes itself, so code written for
+    Ultralytics' tensors (`boxes.cpu().numpy().xyxy`) runs unchanged.
+    """
+
+    is_track = False
+    id = None
+
+    def __init__(self, data: np.ndarray, orig_shape: tuple[int, int]) -> None:
+        data = np.asarray(data, dtype=np.float32)
+        if data.ndim == 1 and data.size:
+            data = data[None]
+        if data.size == 0:
+            data = data.reshape(0, 6)
+        if data.ndim != 2 or data.shape[1] != 6:
+            raise InputError(f"boxes: expected shape (n, 6) (x1, y1, x2, y2, conf, cls), got {data.shape}")
+        self.data = data
+        self.orig_shape = (int(orig_shape[0]), int(orig_shape[1]))
+
+    @classmethod
+    def from_detections(cls, detections: Detections, orig_shape: tuple[int, int]) -> Boxes:
+        data = np.concatenate(
+            [detections.xyxy, detections.confidence[:, None], detections.class_id[:, None].astype(np.float32)], 1
+        )
+        return cls(data, orig_shape)
+
+    @property
+    def xyxy(self) -> np.ndarray:
+        return self.data[:, :4]
+
+    @property
+    def conf(self) -> np.ndarray:
+        return self.data[:, 4]
+
+    @property
+    def cls(self) -> np.ndarray:
+        return self.data[:, 5]
+
+    @cached_property
+    def xywh(self) -> np.ndarray:
+        xyxy = self.xyxy
+        return np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1)
+
+    @cached_property
+    def xyxyn(self) -> np.ndarray:
+        return self.xyxy / self._whwh
+
+    @cached_property
+    def xywhn(self) -> np.ndarray:
+        return self.xywh / self._whwh
+
+    @property
+    def _whwh(self) -> np.ndarray:
+        h, w = self.orig_shape
+        return np.array([w, h, w, h], dtype=np.float32)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    def cpu(self) -> Boxes:
+        return self
+
+    def numpy(self) -> Boxes:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: Any) -> Boxes:
+        if isinstance(index, int | np.integer):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"box index {index} out of range for {len(self)} boxes")
+            index = slice(index, int(index) + 1 or None)  # one row, still 2-D (as Ultralytics); -1 -> slice(-1, None)
+        return Boxes(self.data[index], self.orig_shape)
+
+    def __iter__(self) -> Iterator[Boxes]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"Boxes(n={len(self)}, orig_shape={self.orig_shape})"

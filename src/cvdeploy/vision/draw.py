@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from cvdeploy.errors import InputError
 from cvdeploy.vision.result import Result
 
 # A fixed, high-contrast palette (BGR) so that a class keeps its colour across images and runs.
@@ -21,19 +22,25 @@ def class_color(class_id: int) -> tuple[int, int, int]:
     return int(b), int(g), int(r)
 
 
-def draw(image: np.ndarray, result: Result, *, line_width: int | None = None, labels: bool = True) -> np.ndarray:
-    """Return a copy of the BGR `image` with the result drawn on it."""
+def draw(image: np.ndarray, result: Result, *, line_width: int | None = None, labels: bool = True, conf: bool = True,
+         boxes: bool = True) -> np.ndarray:
+    """Return a copy of the BGR `image` with the result drawn on it: boxes (`boxes`), each labelled (`labels`) with its
+    class name and, with `conf`, its confidence; `line_width` None scales with the image (Ultralytics' options)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        got = f"{image.shape} {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InputError(f"draw: expected an HxWx3 BGR uint8 image, got {got}")
     out = image.copy()
     h, w = out.shape[:2]
     lw = line_width or max(1, round((h + w) / 2 * 0.003))
     font_scale = max(0.35, lw / 3)
-    if result.detections is not None:
-        for box, conf, cls in result.detections:
+    if result.detections is not None and boxes:
+        for box, score, cls in result.detections:
             color = class_color(cls)
             x1, y1, x2, y2 = (round(float(v)) for v in box)
             cv2.rectangle(out, (x1, y1), (x2, y2), color, lw, cv2.LINE_AA)
             if labels:
-                text = f"{result.names.get(cls, str(cls))} {conf:.2f}"
+                name = result.names.get(cls, str(cls))
+                text = f"{name} {score:.2f}" if conf else name
                 (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, max(1, lw - 1))
                 above = y1 - th - base - 2 >= 0
                 ty = y1 - base - 1 if above else y1 + th + 1

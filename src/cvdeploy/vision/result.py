@@ -1,12 +1,23 @@
-"""What a prediction returns: detections or classes, the image's size, class names and stage timings."""
+"""What a prediction returns: detections or classes, the image's size, class names and stage timings; read the cvdeploy
+way (`detections`, `to_dict`) or the Ultralytics way (`boxes`, `speed`, `plot`, `summary`, `to_json`, `to_df`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cvdeploy.vision.detections import Classifications, Detections
+import numpy as np
+
+from cvdeploy.errors import InputError, MissingDependencyError
+from cvdeploy.vision.detections import Boxes, Classifications, Detections
+
+if TYPE_CHECKING:
+    import supervision
 
 STAGES = ("decode", "preprocess", "queue", "infer", "postprocess")
 
@@ -32,9 +43,25 @@ class Timings:
         return d
 
 
+def missing_package(package: str, action: str, *, needs: str | None = None) -> MissingDependencyError:
+    """A MissingDependencyError naming the pip package itself: no cvdeploy extra carries these optional libraries."""
+    err = MissingDependencyError(package, "all", action)
+    err.msg = f"{action} needs {needs or package}: install it with `pip install {package}`"  # what str(ImportError) shows
+    err.args = (err.msg,)
+    return err
+
+
+_NOT_A_LIST = ("a Result is one image's prediction, not a list: `predictor.predict(image)` returns one Result; "
+               "`predictor(image)[0]` or `predictor.predict([image])[0]` give the first of a list, `result.boxes[i]` a box")
+
+
 @dataclass
 class Result:
-    """One image's prediction. Exactly one of `detections` / `classes` is set, by task."""
+    """One image's prediction. Exactly one of `detections` / `classes` is set, by task.
+
+    `orig_img` is the decoded BGR image when the Predictor's `predict` or `__call__` made the Result (what `plot` and
+    `save` draw on); the server's pipeline does not keep it.
+    """
 
     task: str
     names: dict[int, str]
@@ -43,6 +70,13 @@ class Result:
     classes: Classifications | None = None
     timings: Timings = field(default_factory=Timings)
     source: str | None = None  # path, or None for in-memory input
+    orig_img: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    # Ultralytics' Results attributes that only other tasks fill: None here, as Ultralytics has them for a detect result
+    # (supervision's from_ultralytics reads them to choose its path).
+    masks = None
+    keypoints = None
+    obb = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: plain Python numbers, boxes in original pixels."""
@@ -69,14 +103,136 @@ class Result:
             ]
         return out
 
-    def summary(self) -> str:
-        """A short human line, e.g. '3 circle, 1 star'."""
+    def line(self) -> str:
+        """A short human line, e.g. '3 circle, 1 star' ('no detections' when empty): what the CLI tables show."""
         if self.detections is not None:
             if not len(self.detections):
                 return "no detections"
             counts = Counter(int(c) for c in self.detections.class_id)
-            return ", ".join(f"{n} {self.names.get(i, str(i))}" for i, n in sorted(counts.items()))
+            return ", ".join(f"{n} {self._name(i)}" for i, n in sorted(counts.items()))
         if self.classes is not None and len(self.classes):
             c = int(self.classes.class_id[0])
-            return f"{self.names.get(c, str(c))} {float(self.classes.confidence[0]):.2f}"
+            return f"{self._name(c)} {float(self.classes.confidence[0]):.2f}"
         return ""
+
+    def _name(self, class_id: int) -> str:
+        return self.names.get(class_id, str(class_id))
+
+    # -- the Ultralytics way ------------------------------------------------------------------------
+
+    @property
+    def boxes(self) -> Boxes | None:
+        """Ultralytics' `Results.boxes` (numpy): `.xyxy`, `.xywh`, `.xyxyn`, `.xywhn`, `.conf`, `.cls`, `.data` (n, 6);
+        None for a result without detections (classify), as in Ultralytics."""
+        return None if self.detections is None else Boxes.from_detections(self.detections, self.orig_shape)
+
+    @property
+    def speed(self) -> dict[str, float]:
+        """Milliseconds under Ultralytics' keys; decoding and queueing are in `timings` (Ultralytics leaves them out)."""
+        t = self.timings
+        return {"preprocess": t.preprocess, "inference": t.infer, "postprocess": t.postprocess}
+
+    def verbose(self) -> str:
+        """Ultralytics' log string: '2 circles, 1 star, ' ('(no detections), ' when empty; top-5 for classify)."""
+        if self.classes is not None:
+            return "".join(f"{self._name(int(c))} {float(p):.2f}, " for c, p in zip(self.classes.class_id[:5], self.classes.confidence[:5], strict=True))
+        if self.detections is None or not len(self.detections):
+            return "(no detections), "
+        counts = Counter(int(c) for c in self.detections.class_id)
+        return "".join(f"{n} {self._name(i)}{'s' * (n > 1)}, " for i, n in sorted(counts.items()))
+
+    def summary(self, normalize: bool = False, decimals: int = 5) -> list[dict[str, Any]]:
+        """Ultralytics' `Results.summary`: one dict per detection, {"name", "class", "confidence", "box": {"x1", "y1",
+        "x2", "y2"}} (box divided by the image's width and height with `normalize`), or the top-5 classes for classify."""
+        if self.classes is not None:
+            return [{"name": self._name(int(c)), "class": int(c), "confidence": round(float(p), decimals)}
+                    for c, p in zip(self.classes.class_id[:5], self.classes.confidence[:5], strict=True)]
+        if self.detections is None:
+            return []
+        h, w = self.orig_shape if normalize else (1, 1)
+        rows = []
+        for box, conf, cls in self.detections:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            rows.append({"name": self._name(cls), "class": cls, "confidence": round(conf, decimals),
+                         "box": {"x1": round(x1 / w, decimals), "y1": round(y1 / h, decimals),
+                                 "x2": round(x2 / w, decimals), "y2": round(y2 / h, decimals)}})
+        return rows
+
+    def to_json(self, normalize: bool = False, decimals: int = 5) -> str:
+        """`summary()` as a JSON string, as Ultralytics' `Results.to_json` writes it (a list of objects)."""
+        return json.dumps(self.summary(normalize=normalize, decimals=decimals))
+
+    def to_df(self, normalize: bool = False, decimals: int = 5, *, backend: str | None = None) -> Any:
+        """`summary()` as a DataFrame with the columns name, class, confidence, box: pandas when installed, else polars
+        (current Ultralytics returns polars; `backend="polars"` or `"pandas"` asks for one)."""
+        rows = self.summary(normalize=normalize, decimals=decimals)
+        if backend not in (None, "pandas", "polars"):
+            raise InputError(f"to_df backend must be 'pandas' or 'polars', got {backend!r}")
+        for name in (backend,) if backend else ("pandas", "polars"):
+            try:
+                if name == "pandas":
+                    import pandas
+
+                    columns = list(rows[0]) if rows else ["name", "class", "confidence", "box"]
+                    return pandas.DataFrame(rows, columns=columns)
+                import polars
+
+                return polars.DataFrame(rows) if rows else polars.DataFrame(schema=["name", "class", "confidence", "box"])
+            except ImportError:
+                continue
+        raise missing_package(backend or "pandas", "Result.to_df", needs=backend or "pandas or polars")
+
+    def plot(self, conf: bool = True, line_width: int | None = None, labels: bool = True, boxes: bool = True,
+             img: np.ndarray | None = None, pil: bool = False) -> Any:
+        """The image with the result drawn on it, as Ultralytics' `Results.plot`: a BGR uint8 array (a PIL RGB image with
+        `pil`). `img` (BGR) replaces the image the result holds; a result without one (the server's) needs it."""
+        from cvdeploy.vision.draw import draw
+
+        image = self.orig_img if img is None else img
+        if image is None:
+            raise InputError("this Result holds no image (only Predictor.predict and predictor(...) keep it): "
+                             "pass the BGR image, result.plot(img=image)")
+        out = draw(image, self, line_width=line_width, labels=labels, conf=conf, boxes=boxes)
+        if pil:
+            from PIL import Image
+
+            return Image.fromarray(np.ascontiguousarray(out[..., ::-1]))
+        return out
+
+    def save(self, filename: str | os.PathLike[str] | None = None, **plot_options: Any) -> str:
+        """Write `plot(**plot_options)` to `filename` (default: results_<source file name>, or results_image.jpg); the
+        format follows its suffix (.jpg when it has none); parent directories are made. Returns the file name, as Ultralytics does."""
+        import cv2
+
+        name = Path(filename) if filename else Path(f"results_{Path(self.source).name if self.source else 'image.jpg'}")
+        if not name.suffix:
+            name = name.with_suffix(".jpg")
+        image = self.plot(**plot_options)
+        ok, buf = False, None
+        with contextlib.suppress(cv2.error):  # an unknown suffix: OpenCV raises (or returns False, by version)
+            ok, buf = cv2.imencode(name.suffix, image)
+        if not ok or buf is None:
+            raise InputError(f"cannot write an image as {name.suffix!r} ({name}): use .jpg, .png, .bmp, .webp or .tif")
+        name.absolute().parent.mkdir(parents=True, exist_ok=True)
+        name.write_bytes(buf.tobytes())
+        return str(name)
+
+    def to_supervision(self) -> supervision.Detections:
+        """The detections as `supervision.Detections` (xyxy, confidence, class_id, data["class_name"])."""
+        from cvdeploy.integrations.supervision import to_supervision
+
+        return to_supervision(self)
+
+    def cpu(self) -> Result:
+        """Itself: the arrays are numpy already (Ultralytics' `results[0].cpu()` habit keeps working)."""
+        return self
+
+    def numpy(self) -> Result:
+        return self
+
+    # A Result is not a list: `predictor.predict(image)[0]` must fail loudly, not index anything.
+    def __getitem__(self, index: Any) -> Any:
+        raise TypeError(_NOT_A_LIST)
+
+    def __iter__(self) -> Any:
+        raise TypeError(_NOT_A_LIST)
