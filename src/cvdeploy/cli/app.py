@@ -107,6 +107,7 @@ def main() -> None:
         demo,
         doctor,
         info,
+        package,
         predict,
         protect,
         security,

@@ -1,0 +1,77 @@
+"""Deployment generators. Here: what a package serves (`load_source`), shared by the container build context (`docker`),
+the Kubernetes and KServe manifests (`k8s`) and the Helm chart (`helm`), none of which imports the server, torch or
+ultralytics; the other modules of this package add further targets."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cvdeploy.errors import InputError
+
+MODELS_DIR = "/models"  # where the image holds the model repository (DIR/<model>/<version>/ bundles)
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a package serves: one bundle (served as version 1 of the model named in its manifest) or a model
+    repository (DIR/<model>/<version>/ bundles, each model named after its folder), as `cvdeploy serve` reads them."""
+
+    kind: Literal["bundle", "repository"]
+    path: Path
+    models: dict[str, dict[str, Any]]  # model name -> {version: Bundle}, versions in serving order
+
+    @property
+    def bundles(self) -> list[Any]:
+        return [b for versions in self.models.values() for b in versions.values()]
+
+    @property
+    def name(self) -> str:
+        """The package's name: the model's for one model, else the repository folder's."""
+        return next(iter(self.models)) if len(self.models) == 1 else self.path.name
+
+    def layout(self) -> dict[str, Path]:
+        """Repository-relative destination (`<model>/<version>`) -> the bundle directory to copy there."""
+        return {f"{name}/{v}": Path(b.root) for name, versions in self.models.items() for v, b in versions.items()}
+
+
+def load_source(path: str | Path) -> ModelSource:
+    """Load a bundle or a model repository, checking every bundle's hashes as the server will."""
+    from cvdeploy.bundle.bundle import Bundle
+
+    p = Path(path)
+    if not p.is_dir():
+        raise InputError(f"{p} is not a bundle or a model repository (a directory)")
+    if (p / "manifest.json").is_file():
+        b = Bundle.load(p)
+        return ModelSource("bundle", p, {b.name: {"1": b}})
+    models: dict[str, dict[str, Any]] = {}
+    for d in sorted(x for x in p.iterdir() if x.is_dir()):
+        versions = sorted((v.name for v in d.iterdir() if (v / "manifest.json").is_file()), key=_version_key)
+        if versions:
+            models[d.name] = {v: Bundle.load(d / v) for v in versions}
+    if not models:
+        raise InputError(f"{p} is neither a bundle (DIR/manifest.json) nor a model repository (DIR/<model>/<version>/manifest.json)")
+    return ModelSource("repository", p, models)
+
+
+def dns_name(text: str) -> str:
+    """`text` as a Kubernetes object name (RFC 1035 label: lower case, digits and '-', a letter first, 63 at most)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    name = re.sub(r"^[^a-z]+", "", name)[:63].rstrip("-")
+    if not _DNS_LABEL.match(name):
+        raise InputError(f"cannot make a Kubernetes name of {text!r}: give one with --name (lower case letters, digits, '-')")
+    return name
+
+
+def check_dns_name(name: str, what: str = "--name") -> str:
+    if not _DNS_LABEL.match(name) or len(name) > 63:
+        raise InputError(f"{what} {name!r} is not a valid name: lower case letters, digits and '-', a letter first, 63 at most")
+    return name
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), v) if v.isdigit() else (10**9, v)
