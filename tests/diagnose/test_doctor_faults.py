@@ -105,3 +105,23 @@ def test_bad_inputs_are_refused_in_one_line(demo_bundle: Path, tmp_path: Path) -
     empty.mkdir()
     with pytest.raises(InputError, match="no image files"):
         diagnose(demo_bundle, field_dir=empty)
+
+
+def test_a_wrong_version_environment_record_is_the_top_finding(demo_bundle: Path, tmp_path: Path) -> None:
+    """The bundle says it was built and verified with onnxruntime 1.14.1; this machine runs another version."""
+    import shutil
+
+    import onnxruntime
+
+    from cvdeploy.bundle.bundle import Bundle
+
+    copy = tmp_path / "old.cvd"
+    shutil.copytree(demo_bundle, copy)
+    b = Bundle.load(copy)
+    b.manifest.environment["packages"]["onnxruntime"] = "1.14.1"  # type: ignore[index]
+    b.save_manifest()
+    top = _top(diagnose(copy, speed=False))
+    assert (top.severity, top.step) == ("warning", "environment")  # golden parity still holds here: a warning
+    assert "onnxruntime 1.14.1" in top.message and onnxruntime.__version__ in top.message and top.fix
+    clean = diagnose(demo_bundle, speed=False)
+    assert not [f for f in clean.findings if f.severity in ("serious", "warning")]
