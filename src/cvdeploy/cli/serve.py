@@ -77,6 +77,9 @@ def serve(
     workers: int = typer.Option(1, min=1, help="Server processes on the one port (SO_REUSEPORT: the kernel spreads connections), "
                                 "each with its own models and engines, the cores split among them: for many-core machines."),
     reuse_port: bool = typer.Option(False, "--reuse-port", hidden=True, help="Bind with SO_REUSEPORT (what --workers gives each worker)."),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (a local Ray, or the cluster in $RAY_ADDRESS): replicas, "
+                             "batching, autoscaling; see docs/ray-serve.md."),
+    replicas: int = typer.Option(1, min=1, help="With --ray: replicas per model."),
 ) -> None:
     """Serve bundles over HTTP: Open Inference Protocol v2 (Triton clients work), an image API and /metrics."""
     try:
@@ -133,6 +136,18 @@ def serve(
         if not key_file.is_file():
             raise fail(f"--key-file: {key_file} not found")
         os.environ[KEY_FILE_ENV] = str(key_file)  # where every Predictor of this process reads a protected bundle's key
+    if ray:
+        if repository is not None or workers > 1 or tls_cert or auth_keys or jwt_secret_file or auth_policy or audit_log or log_io:
+            raise fail("--ray serves the bundles given as arguments, without --repository, --workers, TLS, authentication, "
+                       "audit or I/O logging (Ray's proxy does not run cvdeploy's middleware: see docs/ray-serve.md)")
+        if not bundles:
+            raise fail("--ray needs at least one bundle")
+        from cvdeploy.deploy.ray_serve import run as run_on_ray  # without ray: one `error:` line (MissingDependencyError)
+
+        run_on_ray([str(b) for b in bundles], host=host, port=port, replicas=replicas, max_batch_size=settings.max_batch,
+                   batch_wait_timeout_s=settings.max_delay_ms / 1000, num_cpus_per_replica=float(settings.threads or 1),
+                   settings=settings)
+        return
     repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
     repo.preflight()  # a wrong or missing key, a tampered bundle: one line now, not a failed start
     from cvdeploy.logs import server_logs

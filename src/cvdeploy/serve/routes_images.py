@@ -22,15 +22,15 @@ def register(app: FastAPI, repo: Repository) -> None:
     @app.post("/v1/models/{name}/predict", openapi_extra={"parameters": PREDICT_QUERY_DOC})
     async def predict(name: str, request: Request) -> dict:
         # The query is read by hand: FastAPI's per-request parameter analysis cost ~1.7 ms of event-loop CPU here.
-        q = _predict_query(request)
+        q = predict_query(request)
         m = repo.get(name, q["version"])
         async with inference_scope(repo, m, request, "images") as record:
-            options = _options(m, q["conf"], q["iou"], q["max_det"], q["classes"])
+            options = request_options(m, q["conf"], q["iou"], q["max_det"], q["classes"])
             annotate = q["annotate"]
             with m.batcher.expect(1):
                 body = record.body = await read_body(request, repo.settings.max_body_bytes, timeout=repo.settings.body_timeout_s,
                                                  budget=repo.budget, lease=record.lease)
-                blob = await _image_from(request, body)
+                blob = await image_from(request, body)
             (result,) = await detect_images(repo, m, [blob], options, annotate)
         # Plain JSON types already: answered as is, without FastAPI's per-value encoder walk.
         return JSONResponse({"model_name": m.name, "model_version": m.version, **result})
@@ -49,7 +49,7 @@ PREDICT_QUERY_DOC = [{"name": k, "in": "query", "required": False, "description"
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
-def _predict_query(request: Request) -> dict[str, Any]:
+def predict_query(request: Request) -> dict[str, Any]:
     """The image API's query parameters, typed, with a 400 naming the parameter when one is malformed."""
     out: dict[str, Any] = {"conf": None, "iou": None, "max_det": None, "classes": None, "annotate": False, "version": None}
     for key, raw in request.query_params.multi_items():
@@ -70,7 +70,7 @@ def _predict_query(request: Request) -> dict[str, Any]:
     return out
 
 
-def _options(m: LoadedModel, conf: float | None, iou: float | None, max_det: int | None, classes: str | None) -> Any:
+def request_options(m: LoadedModel, conf: float | None, iou: float | None, max_det: int | None, classes: str | None) -> Any:
     if conf is not None and not 0 <= conf <= 1:
         raise InputError(f"conf must be within 0..1, got {conf}")
     if iou is not None and not 0 <= iou <= 1:
@@ -86,7 +86,7 @@ def _options(m: LoadedModel, conf: float | None, iou: float | None, max_det: int
     return m.predictor.detect_options(**overrides)
 
 
-async def _image_from(request: Request, body: bytes) -> bytes:
+async def image_from(request: Request, body: bytes) -> bytes:
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         from starlette.datastructures import UploadFile
