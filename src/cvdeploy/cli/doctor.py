@@ -25,6 +25,8 @@ def doctor(
                                      "variant, and the mAP each preprocessing mistake would cost."),
     io_log: Path | None = typer.Option(None, "--io-log", help="An I/O log directory (`serve --log-io`): its anomalies, and its "
                                        "recorded images and answers as the field (instead of --field and --predictions)."),
+    reference: Path | None = typer.Option(None, help="A model to compare the bundle's onnx-fp32 with, layer by layer: an "
+                                          ".onnx, another bundle, or a .pt (exported now; needs the build extra)."),
     as_json: Path | None = typer.Option(None, "--json", help="Also write the report as JSON to this file (- for stdout)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the report as a self-contained HTML page."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Run the slow-inference check (a few seconds of timing)."),
@@ -36,7 +38,7 @@ def doctor(
     from cvdeploy.diagnose.doctor import diagnose
 
     for flag, path in (("--field", field), ("--baseline", baseline), ("--predictions", predictions), ("--data", data),
-                       ("--io-log", io_log)):
+                       ("--io-log", io_log), ("--reference", reference)):
         if path is not None and not path.exists():
             raise fail(f"{flag}: {path} not found")
     if predictions is not None and field is None:
@@ -51,7 +53,7 @@ def doctor(
             raise fail(f"--predictions: {predictions} is not a JSON file of answers ({e})") from None
     console = result_console(as_json)
     with err_console.status("doctor") as status:
-        report = diagnose(bundle, field_dir=field, answers=answers, baseline=baseline, data=data, io_log=io_log, speed=speed,
+        report = diagnose(bundle, field_dir=field, answers=answers, baseline=baseline, data=data, io_log=io_log, reference=reference, speed=speed,
                           latency_budget_ms=latency_budget, progress=lambda what: status.update(f"doctor: {what}"))
     for f in report.findings:
         console.print(f"[{COLOURS[f.severity]}]{f.severity:<8}[/] {f.step:<14} {f.message}"

@@ -111,6 +111,58 @@ def environment_step(bundle: Path) -> tuple[list[Finding], dict[str, Any]]:
     return out, report.to_dict()
 
 
+def _reference_onnx(reference: Path, workdir: Path) -> Path:
+    """--reference as an ONNX file: itself, another bundle's onnx-fp32, or a .pt exported now (needs the build extra)."""
+    from cvdeploy.bundle.bundle import Bundle
+
+    if reference.suffix.lower() == ".onnx":
+        return reference
+    if reference.suffix.lower() == ".pt":
+        from cvdeploy.build import build_bundle
+
+        out = workdir / "reference.cvd"
+        build_bundle(reference, out, name="reference")
+        reference = out
+    other = Bundle.load(reference)
+    if "onnx-fp32" not in other.manifest.variants:
+        raise InputError(f"--reference {reference}: this bundle has no onnx-fp32 variant to compare with")
+    return other.variant_path("onnx-fp32")
+
+
+def integrity_step(bundle: Path, environment: dict[str, Any], reference: Path | None,
+                   progress: Progress) -> tuple[list[Finding], dict[str, Any]]:
+    """The first diverging layer: for each variant that fails golden parity here (against onnx-fp32), and for the
+    bundle's onnx-fp32 against --reference (a re-export to compare with)."""
+    import tempfile
+
+    from cvdeploy.diagnose.bisect import bisect_variant
+    from cvdeploy.errors import CvdeployError
+
+    out: list[Finding] = []
+    items: list[dict[str, Any]] = []
+
+    def run(variant: str, ref: str, shown: str) -> None:
+        progress(f"bisecting {variant} against {shown}")
+        try:
+            d = bisect_variant(bundle, variant, reference=ref)
+        except CvdeployError as e:
+            out.append(Finding("info", "integrity", f"{variant}: not bisected against {shown} ({e})"))
+            return
+        severity = d.severity if d.found else "ok"
+        out.append(Finding(severity, "integrity", f"{variant} against {shown}: {d.message()}", d.fix if d.found else "",
+                           {"variant": variant, "node": d.node.name if d.node else None,
+                            "op": d.node.op_type if d.node else None, "keep_float": list(d.keep_float)}))
+        items.append({**d.to_dict(profile=True), "candidate": variant, "reference": shown})
+
+    failing = [c["variant"] for c in environment.get("checks", []) if not c.get("ok") and c.get("variant") != "onnx-fp32"]
+    for name in failing:
+        run(name, "onnx-fp32", "onnx-fp32")
+    if reference is not None:
+        with tempfile.TemporaryDirectory(prefix="cvdeploy-doctor-") as tmp:
+            run("onnx-fp32", str(_reference_onnx(reference, Path(tmp))), str(reference))
+    return out, {"divergences": items}
+
+
 def io_log_step(root: Path) -> tuple[list[Finding], list[Path], list[Any]]:
     """An I/O log read back: its anomalies as findings, and its full images with the answers they got."""
     from cvdeploy.diagnose.iolog import read_iolog
@@ -231,6 +283,7 @@ def diagnose(
     baseline: str | os.PathLike[str] | None = None,
     data: str | os.PathLike[str] | None = None,
     io_log: str | os.PathLike[str] | None = None,
+    reference: str | os.PathLike[str] | None = None,
     speed: bool = True,
     latency_budget_ms: float | None = None,
     progress: Progress = _quiet,
@@ -240,6 +293,7 @@ def diagnose(
     field_dir: images the deployment saw; answers: the deployment's answers for them (one per image, path order, as the
     image API returns them); baseline: what the model was validated on (images or a saved profile; default: the bundle's
     profile.json, else --data's val split); data: a labelled controlled set (data.yaml); io_log: a `serve --log-io` store;
+    reference: a model to compare the bundle's onnx-fp32 with layer by layer (.onnx, another bundle, or a .pt exported now);
     speed: run the slow-inference check (a few seconds), against `latency_budget_ms` when given.
     """
     from cvdeploy.predict import Predictor
@@ -249,8 +303,9 @@ def diagnose(
     baseline_path = None if baseline is None else Path(baseline)
     data_path = None if data is None else Path(data)
     io_path = None if io_log is None else Path(io_log)
+    reference_path = None if reference is None else Path(reference)
     for flag, p in (("bundle", bundle), ("field", field_path), ("baseline", baseline_path), ("data", data_path),
-                    ("io-log", io_path)):
+                    ("io-log", io_path), ("reference", reference_path)):
         _exists(flag, p)
     if answers is not None and field_path is None:
         raise InputError("answers need the field images they are for")
@@ -265,6 +320,11 @@ def diagnose(
     env, sections["environment"] = environment_step(bundle)
     findings += env
     steps.append("environment")
+    env_failed = any(not c.get("ok") and c.get("variant") != "onnx-fp32" for c in sections["environment"].get("checks", []))
+    if env_failed or reference_path is not None:
+        got, sections["integrity"] = integrity_step(bundle, sections["environment"], reference_path, progress)
+        findings += got
+        steps.append("integrity")
 
     field_images = _images(field_path) if field_path is not None else []
     if speed:  # first: before the other steps warm this process's decoders, so that the first call is a first call

@@ -17,7 +17,7 @@ e = html.escape
 SEVERITY_COLOURS = {"serious": "#b00", "warning": "#b66a00", "info": "#2a6fdb", "ok": "#2a7d2a"}
 NEEDS = {
     "environment": "always runs",
-    "integrity": "runs for a variant that fails golden parity here, or with --reference",
+    "integrity": "runs for a variant that fails golden parity here, or with --reference MODEL",
     "io-log": "--io-log DIR",
     "data": "--field DIR (and a baseline: the bundle's profile.json, --baseline or --data)",
     "preprocessing": "--field with --predictions, or --data",
@@ -165,11 +165,13 @@ def _integrity(section: dict[str, Any]) -> str:
     out = []
     for item in section.get("divergences", []):
         profile = item.get("profile") or []
-        values = [float(p.get("max_abs", p.get("error", 0.0)) if p.get("finite", True) else math.inf) for p in profile]
-        marker = next((i for i, p in enumerate(profile) if p.get("node") == item.get("node")), None)
+        values = [math.inf if p.get("nonfinite") else float(p.get("error_out", 0.0)) for p in profile]
+        node = (item.get("node") or {}).get("node")
+        marker = next((i for i, p in enumerate(profile) if p.get("node") == node), None)
         out.append(f"<h3>{e(str(item.get('candidate', '')))} against {e(str(item.get('reference', '')))}</h3>"
-                   f"<p>{e(str(item.get('message', '')))}</p>"
-                   + line_svg(values, marker=marker, threshold=item.get("tolerance"), ylabel="max |Δ|"))
+                   f"<p>{e(str(item.get('message', '')))}</p><p class=muted>Relative RMS error of each node's outputs, in "
+                   "graph order; dashed: the tolerance; red dot: the first diverging node.</p>"
+                   + line_svg(values, marker=marker, threshold=item.get("tolerance"), ylabel="relative RMS error"))
     return "".join(out)
 
 
