@@ -4,6 +4,7 @@
     ├── InputError                    bad input from a caller (missing file, wrong shape, bad option)        400
     │   ├── ImageDecodeError          bytes that are not a supported, sane image                             400
     │   ├── PayloadTooLargeError      a body larger than the server allows                                   413
+    │   ├── SourceError               a video, stream, URL or webcam that cannot be opened or read           400
     │   └── OutputNotRepresentableError  a valid request whose answer cannot take the asked form (NaN in JSON) 422
     ├── NotFoundError                 a model, version or feature this server does not have                  404
     ├── AuthError                     refused by authentication, authorization or a rate limit     its status
@@ -46,6 +47,11 @@ class ModelFormatError(CvdeployError):
 
 class EngineError(CvdeployError):
     """The inference engine failed to load or run the model."""
+
+
+class SourceError(InputError):
+    """A source that cannot be opened or read: a URL that times out or answers 404, a video with no decodable frame,
+    a stream that never starts or dropped for good, a webcam that cannot be opened."""
 
 
 class PayloadTooLargeError(InputError):
