@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.bundle.bundle import MANIFEST, Bundle, set_bundle_modes, sha256_file, write_golden, write_manifest
+from cvdeploy.bundle.card import write_card
 from cvdeploy.bundle.environment import capture
 from cvdeploy.bundle.manifest import (
     GoldenCase,
@@ -239,6 +240,7 @@ def build_bundle(
             )
             engine.close()
             write_manifest(stage / MANIFEST, manifest)
+            write_card(Bundle(manifest, stage))  # MODEL_CARD.md: quotes the manifest's hash, so it is not hashed itself
             set_bundle_modes(stage, private)  # the staging directory is mkdtemp's 0700: say what the bundle is
             if dest.exists():
                 shutil.rmtree(dest)

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.bundle.bundle import Bundle, set_bundle_modes, sha256_file
+from cvdeploy.bundle.card import write_card
 from cvdeploy.bundle.environment import BF16_FLAGS, cpu_info
 from cvdeploy.bundle.manifest import Variant
 from cvdeploy.errors import BundleError, InputError
@@ -472,6 +473,7 @@ def add_variants(
             manifest.variants[n].metrics["speedup_vs_fp32"] = round(record.variants["onnx-fp32"] / ms, 3)
     bundle.save_manifest()
     write_report(bundle, outcomes, time.perf_counter() - t_start)
+    write_card(bundle, refused={o.name: o.reason for o in outcomes if not o.written})  # MODEL_CARD.md, not hashed
     set_bundle_modes(root)  # new files (mkdtemp staging, OpenVINO directories) as open or closed as the bundle
     return outcomes
 

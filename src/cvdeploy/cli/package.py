@@ -93,3 +93,28 @@ def k8s(
     for note in sizing.notes:
         console.print(f"  {note}", highlight=False)
 
+
+
+@package_app.command("monitoring")
+def monitoring(
+    source: Path = typer.Argument(..., help=SOURCE_HELP),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write prometheus/ and grafana/ (a new directory)."),
+    p99_budget_ms: float | None = typer.Option(None, min=0.001, help="The p99 latency the alert holds the server to "
+                                               "[default: --budget-factor x the bundle's recorded engine latency]."),
+    budget_factor: float = typer.Option(5.0, min=1.0, help="p99 budget as a multiple of the recorded median engine latency."),
+    error_ratio: float = typer.Option(0.05, min=0.0, max=1.0, help="Share of failed requests that fires the error alert."),
+    drift_threshold: float = typer.Option(1.0, min=0.0, help="cvdeploy_drift_score that fires the drift alert (1: serious)."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+) -> None:
+    """Write Prometheus alert rules (errors, p99 latency, readiness, drift) and a Grafana dashboard for the server's
+    metrics (see docs/monitoring.md)."""
+    from cvdeploy.deploy import load_source
+    from cvdeploy.deploy.monitoring import AlertOptions, models_of, write_monitoring
+
+    files = write_monitoring(models_of(load_source(source)), out,
+                             AlertOptions(p99_budget_s=None if p99_budget_ms is None else p99_budget_ms / 1000,
+                                          budget_factor=budget_factor, error_ratio=error_ratio,
+                                          drift_threshold=drift_threshold), force=force)
+    console.print(f"wrote {files.rules} and {files.dashboard}", highlight=False)
+    for name, budget in files.budgets.items():
+        console.print(f"  {name}: p99 budget {budget.seconds * 1000:.1f} ms ({budget.why})", highlight=False)
