@@ -152,6 +152,15 @@ def library_logs(verbosity: int = 0) -> Iterator[CliHandler]:
             logger.setLevel(level)
 
 
+def _stderr_is_fd2() -> bool:
+    """Whether `sys.stderr` writes to file descriptor 2 (not a test runner's buffer or another stream), flushed."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
 @contextmanager
 def native_stderr_hidden() -> Iterator[None]:
     """Point file descriptor 2 at /dev/null and `sys.stderr` at a duplicate of the real stderr, until the block ends.
@@ -159,13 +168,7 @@ def native_stderr_hidden() -> Iterator[None]:
     Does nothing when stderr is not a file descriptor (an in-process test runner captures it as a buffer). A fatal
     signal still prints Python's traceback on the real stderr (faulthandler), so a native crash is not silent.
     """
-    try:
-        sys.stderr.flush()
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        yield
-        return
-    if fd != 2:
+    if not _stderr_is_fd2():
         yield
         return
     saved = os.dup(2)
@@ -308,13 +311,7 @@ def _native_stderr_logged() -> Iterator[None]:
     the real stderr (where the JSON handler writes). Does nothing when stderr is not descriptor 2."""
     import threading
 
-    try:
-        sys.stderr.flush()
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        yield
-        return
-    if fd != 2:
+    if not _stderr_is_fd2():
         yield
         return
     saved = os.dup(2)
