@@ -107,6 +107,7 @@ def main() -> None:
         data,
         demo,
         doctor,
+        fleet,
         info,
         package,
         predict,
