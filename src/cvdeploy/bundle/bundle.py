@@ -212,14 +212,20 @@ class Bundle:
     def runtime_hint(self, variant: str) -> RuntimeHint | None:
         return next((h for h in self.manifest.runtime if h.variant == variant), None)
 
+    def hashed_files(self) -> list[tuple[str, str, str]]:
+        """(what, path in the bundle, sha256) of every file the manifest vouches for: variants and their companions,
+        golden cases, the data profile. Files it does not list (report.html, MODEL_CARD.md) are not covered."""
+        m = self.manifest
+        entries = [(f"variant {name!r}", v.file, v.sha256) for name, v in m.variants.items()]
+        entries += [(f"variant {name!r}", f, d) for name, v in m.variants.items() for f, d in v.companions.items()]
+        entries += [("golden case", g.file, g.sha256) for g in m.golden]
+        entries += [("data profile", p.file, p.sha256) for p in [m.profile] if p is not None]
+        return entries
+
     def check_files(self) -> None:
         """Check every variant, golden and data profile file exists and has the sha256 the manifest records."""
         assert self.root is not None
-        entries = [(f"variant {name!r}", v.file, v.sha256) for name, v in self.manifest.variants.items()]
-        entries += [(f"variant {name!r}", f, d) for name, v in self.manifest.variants.items() for f, d in v.companions.items()]
-        entries += [("golden case", g.file, g.sha256) for g in self.manifest.golden]
-        entries += [("data profile", p.file, p.sha256) for p in [self.manifest.profile] if p is not None]
-        for what, rel, digest in entries:
+        for what, rel, digest in self.hashed_files():
             f = self._resolve(rel)
             if not f.is_file():
                 raise BundleError(f"bundle {self.root} is incomplete: {what} file {rel} is missing")

@@ -110,12 +110,9 @@ def signed_files(manifest: Manifest) -> list[tuple[str, str]]:
     """(path in the bundle, sha256) of every file the manifest vouches for: variants, their companions, golden cases and
     the data profile. The same list `Bundle.check_files` checks; files it does not list (report.html, the model card)
     are not shipped to devices, since nothing signs them."""
-    out = [(v.file, v.sha256) for v in manifest.variants.values()]
-    out += [(f, d) for v in manifest.variants.values() for f, d in v.companions.items()]
-    out += [(g.file, g.sha256) for g in manifest.golden]
-    if manifest.profile is not None:
-        out.append((manifest.profile.file, manifest.profile.sha256))
-    return list(dict.fromkeys(out))
+    from cvdeploy.bundle.bundle import Bundle
+
+    return list(dict.fromkeys((rel, digest) for _, rel, digest in Bundle(manifest, None).hashed_files()))
 
 
 def signed_sizes(manifest: Manifest) -> dict[str, int]:
