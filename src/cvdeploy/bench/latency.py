@@ -73,6 +73,11 @@ def runnable_here(bundle: Any) -> list[str]:
             continue
         if v.engine == "openvino" and not _has_openvino():
             continue
+        if v.engine in ("ncnn", "litert"):
+            from cvdeploy.edge.runner import engine_installed
+
+            if not engine_installed(v.engine):
+                continue
         if v.precision == "bf16" and not flags & BF16_FLAGS:
             continue
         out.append(name)

@@ -84,9 +84,9 @@ class ParityReport(_Model):
 
 class Variant(_Model):
     file: str  # relative to the bundle root
-    format: Literal["onnx", "openvino"] = "onnx"
+    format: Literal["onnx", "openvino", "ncnn", "tflite"] = "onnx"
     precision: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
-    engine: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    engine: Literal["onnxruntime", "openvino", "ncnn", "litert"] = "onnxruntime"
     sha256: str
     size_bytes: int
     companions: dict[str, str] = Field(default_factory=dict)  # other files of the variant (OpenVINO .bin) -> sha256

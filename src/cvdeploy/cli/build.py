@@ -21,7 +21,8 @@ def build(
     force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
     variants: str | None = typer.Option(
         None, help="Variants, comma-separated, from onnx-fp32, onnx-fp16, onnx-int8, openvino-fp32, openvino-bf16 (CPUs with "
-        "native bf16 only), openvino-int8 (default: "
+        "native bf16 only), openvino-int8, and the edge variants ncnn-fp32, ncnn-fp16, litert-fp32, litert-int8 (from a .pt; "
+        "need the edge-build packages: docs/edge.md) (default: "
         "onnx-fp32; with --data also onnx-int8, and openvino-int8 if OpenVINO is installed; onnx-fp16 where CUDA or TensorRT is present)."),
     data: Path | None = typer.Option(None, help="data.yaml of a controlled dataset: INT8 calibration (train split) and the mAP check (val split)."),
     calib_images: int = typer.Option(64, min=1, help="INT8 calibration images."),
@@ -41,15 +42,19 @@ def build(
     import time
 
     from cvdeploy.build import BUILD_STEPS, build_bundle
+    from cvdeploy.build.edge import EDGE_VARIANTS
     from cvdeploy.build.quantize import recipe_candidates
     from cvdeploy.build.variants import ALL_VARIANTS, default_variants, not_offered
     from cvdeploy.bundle.environment import cpu_info
 
     t0 = time.perf_counter()
     wanted = default_variants(data is not None) if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
-    unknown = [v for v in wanted if v not in ALL_VARIANTS]
+    unknown = [v for v in wanted if v not in ALL_VARIANTS and v not in EDGE_VARIANTS]
     if unknown:
-        raise fail(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(ALL_VARIANTS)}")
+        raise fail(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join([*ALL_VARIANTS, *EDGE_VARIANTS])}")
+    edge = [v for v in wanted if v in EDGE_VARIANTS]
+    if edge and model.suffix.lower() != ".pt":
+        raise fail(f"{', '.join(edge)} are exported from the source .pt (Ultralytics' exporters), not from {model.name}")
     int8 = [v for v in wanted if v.endswith("-int8")]
     if int8 and data is None:
         raise fail(f"{', '.join(int8)} needs --data DATA.yaml (calibration images and the mAP check)")
@@ -81,15 +86,15 @@ def build(
     worst = v.parity.worst if v.parity else float("nan")
     console.print(f"bundle [bold]{bundle.name}[/] written to {output} · onnx-fp32 {v.size_bytes / 1e6:.2f} MB · "
                   f"max |Δ| class scores vs torch {worst:.1e}" + (" · private (owner only)" if private else ""), soft_wrap=True)
-    extra = [v for v in wanted if v != "onnx-fp32"]
-    if not extra and data is None:
+    extra = [v for v in wanted if v != "onnx-fp32" and v not in EDGE_VARIANTS]
+    if not extra and not edge and data is None:
         return
     from cvdeploy.build.variants import add_variants
     from cvdeploy.cli.info import variants_table
 
     # One bar over the variants (the onnx-fp32 reference mAP with --data, each variant, the final interleaved timing),
     # with the step under way: counts and an estimate of the time left, not a spinner per variant.
-    n_steps = (data is not None) + len(dict.fromkeys(extra)) + 1
+    n_steps = (data is not None) + len(dict.fromkeys(extra)) + len(dict.fromkeys(edge)) + 1
     with progress_bar(SpinnerColumn(), TextColumn("{task.description:<52}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         overall = progress.add_task("variants", total=n_steps)
@@ -105,6 +110,11 @@ def build(
         outcomes = add_variants(output, ["onnx-fp32", *extra], data=data, calib_images=calib_images, calib_method=calib_method,
                                 max_map_drop=max_map_drop, quantize_head=quantize_head, int8_recipes=recipes,
                                 on_step=on_variant_step)
+        if edge:
+            from cvdeploy.build.edge import add_edge_variants
+
+            outcomes += add_edge_variants(output, edge, source=model, data=data, calib_images=calib_images,
+                                          on_step=on_variant_step)
         progress.update(overall, completed=n_steps, description="variants: done")
     from cvdeploy.bundle.bundle import Bundle
 

@@ -96,7 +96,12 @@ def verify_bundle(
 
             main, extra = variant_bytes(bundle, name, model_key if model_key is not None else load_key())
             model = main if v.engine == "onnxruntime" else (main, next(iter(extra.values()), b""))
-        report, agreement, problem = golden_check(bundle, model, v.precision, providers or None, engine_kind=v.engine)
+        if v.engine in ("ncnn", "litert"):  # fixed-size edge engines: golden inputs at their size
+            from cvdeploy.evaluate.fixed_size import edge_golden_check
+
+            report, agreement, problem = edge_golden_check(bundle, model, v.engine, v.precision)
+        else:
+            report, agreement, problem = golden_check(bundle, model, v.precision, providers or None, engine_kind=v.engine)
         worst = report.worst
         recorded = None
         if v.parity is not None:

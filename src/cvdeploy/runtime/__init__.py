@@ -8,7 +8,7 @@ from typing import Any
 from cvdeploy.runtime.base import Engine, TensorSpec
 from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions, available_providers, resolve_providers
 
-ENGINES = ("onnxruntime", "openvino")
+ENGINES = ("onnxruntime", "openvino", "ncnn", "litert")
 
 
 def open_engine(model: str | os.PathLike[str] | bytes | tuple[bytes, bytes], engine: str = "onnxruntime", options: Any = None,
@@ -29,6 +29,14 @@ def open_engine(model: str | os.PathLike[str] | bytes | tuple[bytes, bytes], eng
             raise ValueError(f"unknown variant precision {precision!r}; known: {', '.join(VARIANT_PRECISION)}")
         base = options if isinstance(options, OvOptions) else OvOptions()
         return OvEngine(model, replace(base, precision=VARIANT_PRECISION[precision]))
+    if engine == "ncnn":
+        from cvdeploy.runtime.ncnn import open_ncnn
+
+        return open_ncnn(model, options, precision)
+    if engine == "litert":
+        from cvdeploy.runtime.litert import open_litert
+
+        return open_litert(model, options, precision)
     raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
 
 
