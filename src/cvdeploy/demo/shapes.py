@@ -1,8 +1,22 @@
 """Deterministic synthetic "shapes" dataset: scenes of polygons on textured, noisy backgrounds.
 
-Every object is kept as a polygon, so the one scene description can be written as detection
-boxes today and as segmentation polygons, oriented boxes, keypoints (vertices) or
-classification labels later without changing the generator.
+Every object is kept as a polygon, so the one scene description is written for every task:
+
+- detect: `class cx cy w h` (the polygon's axis-aligned box);
+- segment: `class x1 y1 x2 y2 ...` (the drawn polygon, amodal: a part hidden by a later object
+  stays in the label);
+- pose: the box plus K=4 keypoints per object, the shape's extreme points in the fixed order
+  top, right, bottom, left (see `extreme_keypoints`), with COCO visibility (2 visible, 1 hidden
+  under an object drawn later); `kpt_shape: [4, 3]`, `flip_idx: [0, 3, 2, 1]`;
+- obb: `class x1 y1 ... x4 y4`, the minimum-area rotated rectangle of the polygon; scenes for
+  this task are drawn with half of the objects elongated (ellipses, rectangles, flattened
+  polygons at any angle) so that the angle matters, and with every rectangle inside the image;
+- classify: an ImageNet-style folder tree `train/<class>/*.jpg`, `val/<class>/*.jpg` of square
+  crops centred on single objects, balanced over the classes.
+
+The detect output for a seed is byte-identical to what it was before the other tasks existed
+(the packaged detect model and its tests depend on it): segment and pose label the very same
+scenes, obb and classify draw from their own parameters or random streams.
 """
 
 from __future__ import annotations
@@ -19,6 +33,12 @@ import numpy as np
 from cvdeploy.errors import CvdeployError
 
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross")
+TASKS: tuple[str, ...] = ("detect", "segment", "pose", "obb", "classify")
+KPT_NAMES: tuple[str, ...] = ("top", "right", "bottom", "left")
+KPT_SHAPE: tuple[int, int] = (len(KPT_NAMES), 3)
+FLIP_IDX: tuple[int, ...] = (0, 3, 2, 1)  # a horizontal flip swaps right and left
+OBB_ELONGATED_FRACTION = 0.5  # of the objects of an obb scene
+CLASSIFY_CROP_PX = 96  # side of the classification crops
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,34 @@ class ShapeObject:
     @property
     def xyxy(self) -> np.ndarray:
         return np.concatenate([self.polygon.min(0), self.polygon.max(0)])
+
+    def rotated_rect(self) -> np.ndarray:
+        """The minimum-area rotated rectangle of the polygon: its 4 corners, (4, 2), in pixels."""
+        return cv2.boxPoints(cv2.minAreaRect(self.polygon.astype(np.float32))).astype(np.float64)
+
+    def keypoints(self) -> np.ndarray:
+        """K=4 keypoints (top, right, bottom, left), (4, 2), in pixels: see `extreme_keypoints`."""
+        return extreme_keypoints(self.polygon)
+
+
+def extreme_keypoints(polygon: np.ndarray, band: float = 0.04, samples: int = 512) -> np.ndarray:
+    """The outline's extreme points in the order top, right, bottom, left.
+
+    Each is the mean of the outline points (resampled evenly along the perimeter) that lie within
+    `band` x the object's size of the extreme line, so that an edge lying flat on the box side
+    gives its middle, a corner gives the corner, and the point moves continuously in between as
+    the shape turns (no jump between two equally high corners).
+    """
+    closed = np.vstack([polygon, polygon[:1]])
+    seg = np.linalg.norm(np.diff(closed, axis=0), axis=1)
+    at = np.concatenate([[0.0], np.cumsum(seg)])
+    t = np.linspace(0.0, at[-1], samples, endpoint=False)
+    pts = np.stack([np.interp(t, at, closed[:, 0]), np.interp(t, at, closed[:, 1])], 1)
+    size = float(max(np.ptp(polygon[:, 0]), np.ptp(polygon[:, 1])))
+    tol = band * size
+    x, y = pts[:, 0], pts[:, 1]
+    masks = (y <= y.min() + tol, x >= x.max() - tol, y >= y.max() - tol, x <= x.min() + tol)
+    return np.stack([pts[m].mean(0) for m in masks])
 
 
 @dataclass
@@ -132,8 +180,28 @@ def _contains(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(a[0] <= b[0] and a[1] <= b[1] and a[2] >= b[2] and a[3] >= b[3])
 
 
-def sample_scene(rng: np.random.Generator, config: ShapesConfig = ShapesConfig()) -> Scene:
-    """Draw one scene; the same generator state always gives the same scene."""
+def _rotate(pts: np.ndarray, rot: float) -> np.ndarray:
+    c, s = math.cos(rot), math.sin(rot)
+    return pts @ np.array([[c, s], [-s, c]])
+
+
+def _elongated(rng: np.random.Generator, class_id: int, radius: float, rot: float) -> tuple[np.ndarray, np.ndarray]:
+    """For oriented scenes: the shape, possibly flattened along its own axis, then turned by `rot`."""
+    if rng.random() >= OBB_ELONGATED_FRACTION:
+        return _outline(class_id, radius, rot)
+    ratio = rng.uniform(0.35, 0.7)  # short side / long side
+    base = math.pi / 4 if CLASS_NAMES[class_id] == "square" else 0.0  # flatten a square into a rectangle
+    poly, verts = _outline(class_id, radius, base)
+    squash = np.array([1.0, ratio])
+    return _rotate(poly * squash, rot), _rotate(verts * squash, rot)
+
+
+def sample_scene(rng: np.random.Generator, config: ShapesConfig = ShapesConfig(), *, oriented: bool = False) -> Scene:
+    """Draw one scene; the same generator state always gives the same scene.
+
+    `oriented` (the obb task) flattens half of the objects and keeps every object's rotated
+    rectangle inside the image; without it the scene is exactly the detect scene.
+    """
     h = int(rng.integers(config.min_side, config.max_side + 1))
     aspect = math.exp(rng.uniform(math.log(config.min_aspect), math.log(config.max_aspect)))
     w = int(np.clip(round(h * aspect), config.min_side // 2, config.max_side * 2))
@@ -146,8 +214,20 @@ def sample_scene(rng: np.random.Generator, config: ShapesConfig = ShapesConfig()
             break
         d = math.exp(rng.uniform(math.log(config.min_object_px), math.log(max_d)))
         class_id = int(rng.integers(0, len(CLASS_NAMES)))
-        poly, verts = _outline(class_id, d / 2, rng.uniform(0, 2 * math.pi))
-        centre = np.array([rng.uniform(d / 2, w - d / 2), rng.uniform(d / 2, h - d / 2)])
+        if oriented:
+            poly, verts = _elongated(rng, class_id, d / 2, rng.uniform(0, 2 * math.pi))
+            rect = cv2.boxPoints(cv2.minAreaRect(poly.astype(np.float32))).astype(np.float64)
+            ext = np.maximum(np.abs(rect).max(0), np.abs(poly).max(0)) + 1.0
+            if ext[0] * 2 >= w or ext[1] * 2 >= h:
+                continue
+            centre = np.array([rng.uniform(ext[0], w - ext[0]), rng.uniform(ext[1], h - ext[1])])
+            # near-tied rectangles (hexagon, star) may turn differently once moved: check the final one
+            rect = cv2.boxPoints(cv2.minAreaRect((poly + centre).astype(np.float32)))
+            if rect.min() < 0 or rect[:, 0].max() > w or rect[:, 1].max() > h:
+                continue
+        else:
+            poly, verts = _outline(class_id, d / 2, rng.uniform(0, 2 * math.pi))
+            centre = np.array([rng.uniform(d / 2, w - d / 2), rng.uniform(d / 2, h - d / 2)])
         poly, verts = poly + centre, verts + centre
         box = np.concatenate([poly.min(0), poly.max(0)])
         if any(_iou(box, o.xyxy) > config.max_overlap_iou or _contains(box, o.xyxy) for o in objects):
@@ -176,13 +256,106 @@ def detect_label_lines(scene: Scene) -> list[str]:
     return lines
 
 
-def iter_scenes(seed: int, split: str, n: int, config: ShapesConfig = ShapesConfig()) -> Iterator[Scene]:
-    """Scenes of one split; each split has its own stream so n_train never changes the val images."""
+def _fmt(v: np.ndarray) -> str:
+    return " ".join(f"{x:.6f}" for x in v)
+
+
+def segment_label_lines(scene: Scene) -> list[str]:
+    """YOLO segmentation labels: `class x1 y1 x2 y2 ...`, the polygon normalized to the image size."""
+    h, w = scene.image.shape[:2]
+    return [f"{o.class_id} {_fmt(np.clip(o.polygon / [w, h], 0, 1).ravel())}" for o in scene.objects]
+
+
+def keypoint_visibility(scene: Scene, index: int, points: np.ndarray) -> np.ndarray:
+    """COCO visibility of an object's points: 2 visible, 1 under an object drawn after it."""
+    vis = np.full(len(points), 2, dtype=int)
+    for later in scene.objects[index + 1 :]:
+        contour = later.polygon.astype(np.float32).reshape(-1, 1, 2)
+        for k, (x, y) in enumerate(points):
+            if cv2.pointPolygonTest(contour, (float(x), float(y)), False) > 0:
+                vis[k] = 1
+    return vis
+
+
+def pose_label_lines(scene: Scene) -> list[str]:
+    """YOLO pose labels: `class cx cy w h` then `x y v` for each of the 4 keypoints, normalized."""
+    h, w = scene.image.shape[:2]
+    lines = []
+    for i, (box, o) in enumerate(zip(detect_label_lines(scene), scene.objects, strict=True)):
+        kpts = o.keypoints()
+        vis = keypoint_visibility(scene, i, kpts)
+        xy = np.clip(kpts / [w, h], 0, 1)
+        lines.append(box + "".join(f" {x:.6f} {y:.6f} {v}" for (x, y), v in zip(xy, vis, strict=True)))
+    return lines
+
+
+def obb_label_lines(scene: Scene) -> list[str]:
+    """YOLO-OBB labels: `class x1 y1 x2 y2 x3 y3 x4 y4`, the polygon's minimum-area rotated rectangle."""
+    h, w = scene.image.shape[:2]
+    return [f"{o.class_id} {_fmt(np.clip(o.rotated_rect() / [w, h], 0, 1).ravel())}" for o in scene.objects]
+
+
+LABELLERS: dict[str, Callable[[Scene], list[str]]] = {
+    "detect": detect_label_lines,
+    "segment": segment_label_lines,
+    "pose": pose_label_lines,
+    "obb": obb_label_lines,
+}
+
+
+def _stream(split: str) -> int:
     stream = {"train": 0, "val": 1, "test": 2}.get(split)
     if stream is None:
         raise CvdeployError(f"shapes: unknown split {split!r}; use train, val or test")
+    return stream
+
+
+def iter_scenes(seed: int, split: str, n: int, config: ShapesConfig = ShapesConfig(), *, oriented: bool = False) -> Iterator[Scene]:
+    """Scenes of one split; each split has its own stream so n_train never changes the val images."""
+    stream = _stream(split)
     for i in range(n):
-        yield sample_scene(np.random.default_rng([seed, stream, i]), config)
+        yield sample_scene(np.random.default_rng([seed, stream, i]), config, oriented=oriented)
+
+
+def crop_object(image: np.ndarray, obj: ShapeObject, rng: np.random.Generator, size: int = CLASSIFY_CROP_PX) -> np.ndarray:
+    """A square crop centred (with a little jitter) on one object, 1.2-1.6 x its box, resized to `size`."""
+    x1, y1, x2, y2 = obj.xyxy
+    side = max(x2 - x1, y2 - y1) * rng.uniform(1.2, 1.6)
+    cx, cy = (x1 + x2) / 2 + rng.uniform(-0.1, 0.1) * side, (y1 + y2) / 2 + rng.uniform(-0.1, 0.1) * side
+    half = max(4, round(side / 2))
+    pad = cv2.copyMakeBorder(image, half, half, half, half, cv2.BORDER_REFLECT_101)
+    cx_p, cy_p = round(cx) + half, round(cy) + half
+    crop = pad[cy_p - half : cy_p + half, cx_p - half : cx_p + half]
+    interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def iter_crops(seed: int, split: str, n: int, config: ShapesConfig = ShapesConfig()) -> Iterator[tuple[int, str, np.ndarray]]:
+    """`n` classification crops (class id, name stem, image), balanced over the classes.
+
+    Scenes of the split are walked in order and each object is cropped while its class still
+    needs crops; class c gets n // 6 crops, plus one for the first n % 6 classes.
+    """
+    stream = _stream(split)
+    nc = len(CLASS_NAMES)
+    quota = [n // nc + (1 if c < n % nc else 0) for c in range(nc)]
+    for i in range(20 * n + 100):  # bounded: every class is drawn with probability 1/6 per object
+        if not any(quota):
+            return
+        scene = sample_scene(np.random.default_rng([seed, stream, i]), config)
+        crop_rng = np.random.default_rng([seed, stream, i, 1])  # its own stream: the scene is the detect scene
+        for j, o in enumerate(scene.objects):
+            if quota[o.class_id] > 0:
+                quota[o.class_id] -= 1
+                yield o.class_id, f"{split}_{i:06d}_{j}", crop_object(scene.image, o, crop_rng)
+    raise CvdeployError("shapes: could not draw enough crops for every class")  # pragma: no cover
+
+
+def _write_jpg(path: Path, image: np.ndarray, quality: int) -> None:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise CvdeployError(f"shapes: could not encode image {path.name}")
+    path.write_bytes(buf.tobytes())
 
 
 def generate_shapes(
@@ -193,27 +366,55 @@ def generate_shapes(
     seed: int = 0,
     config: ShapesConfig = ShapesConfig(),
     progress: Callable[[int], None] | None = None,
+    task: str = "detect",
 ) -> Path:
-    """Write a YOLO-format dataset (images/, labels/, data.yaml) and return the data.yaml path."""
+    """Write a dataset for `task` and return what Ultralytics' `data=` takes.
+
+    detect, segment, pose, obb: YOLO format (images/, labels/, data.yaml), `n_train`/`n_val`
+    images; the data.yaml path is returned. classify: `train/<class>/*.jpg`, `val/<class>/*.jpg`,
+    `n_train`/`n_val` crops balanced over the classes (n_val >= 6, so no class folder is empty);
+    the dataset directory is returned (a data.yaml with the names is written there too).
+    """
+    if task not in TASKS:
+        raise CvdeployError(f"shapes: unknown task {task!r}; use one of {', '.join(TASKS)}")
     if n_train < 0 or n_val < 1:
         raise CvdeployError(f"shapes: need n_train >= 0 and n_val >= 1, got {n_train} and {n_val}")
+    if task == "classify" and n_val < len(CLASS_NAMES):
+        raise CvdeployError(f"shapes: classify needs n_val >= {len(CLASS_NAMES)} (one crop per class), got {n_val}")
     root = Path(out).resolve()
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i, scene in enumerate(iter_scenes(seed, split, n, config)):
-            stem = f"{split}_{i:06d}"
-            ok, buf = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
-            if not ok:
-                raise CvdeployError(f"shapes: could not encode image {stem}")
-            (root / "images" / split / f"{stem}.jpg").write_bytes(buf.tobytes())
-            (root / "labels" / split / f"{stem}.txt").write_text("\n".join(detect_label_lines(scene)) + "\n")
-            if progress:
-                progress(1)
     names = "\n".join(f"  {i}: {name}" for i, name in enumerate(CLASS_NAMES))
-    data_yaml = root / "data.yaml"
-    data_yaml.write_text(f"# generated by cvdeploy data shapes (seed={seed})\npath: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
-    (root / "generator.json").write_text(
-        json.dumps({"generator": "cvdeploy.shapes", "seed": seed, "n_train": n_train, "n_val": n_val, "config": config.__dict__}, indent=2)
-    )
-    return data_yaml
+    header = f"# generated by cvdeploy data shapes (task={task}, seed={seed})\npath: {root}\n"
+    if task == "classify":
+        for split, n in (("train", n_train), ("val", n_val)):
+            for name in CLASS_NAMES:
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+            for class_id, stem, crop in iter_crops(seed, split, n, config):
+                _write_jpg(root / split / CLASS_NAMES[class_id] / f"{stem}.jpg", crop, config.jpeg_quality)
+                if progress:
+                    progress(1)
+        (root / "data.yaml").write_text(f"{header}train: train\nval: val\nnames:\n{names}\n")
+        result = root
+    else:
+        labeller = LABELLERS[task]
+        for split, n in (("train", n_train), ("val", n_val)):
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            for i, scene in enumerate(iter_scenes(seed, split, n, config, oriented=task == "obb")):
+                stem = f"{split}_{i:06d}"
+                _write_jpg(root / "images" / split / f"{stem}.jpg", scene.image, config.jpeg_quality)
+                (root / "labels" / split / f"{stem}.txt").write_text("\n".join(labeller(scene)) + "\n")
+                if progress:
+                    progress(1)
+        extra = ""
+        if task == "pose":
+            extra = (f"kpt_shape: [{KPT_SHAPE[0]}, {KPT_SHAPE[1]}]\nflip_idx: [{', '.join(map(str, FLIP_IDX))}]\n"
+                     f"# keypoints: {', '.join(KPT_NAMES)} (the shape's extreme points)\n")
+        result = root / "data.yaml"
+        # detect keeps its historical header line byte for byte
+        first = f"# generated by cvdeploy data shapes (seed={seed})\npath: {root}\n" if task == "detect" else header
+        result.write_text(f"{first}train: images/train\nval: images/val\n{extra}names:\n{names}\n")
+    meta = {"generator": "cvdeploy.shapes", "seed": seed, "n_train": n_train, "n_val": n_val, "config": config.__dict__}
+    if task != "detect":
+        meta["task"] = task
+    (root / "generator.json").write_text(json.dumps(meta, indent=2))
+    return result
