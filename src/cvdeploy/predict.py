@@ -1,9 +1,11 @@
 """Predictor: the inference pipeline as public, typed stages, composed by `predict`, the server and the benchmarks.
 
     decode(source) -> image          bytes, path, array or PIL image -> BGR uint8 (the decoding Ultralytics trains with)
-    prepare(images) -> Prepared      letterbox (minimal rectangle when the images share a shape) -> NCHW float32 tensor
+    prepare(images) -> Prepared      letterbox (minimal rectangle when the images share a shape; classify: center crop)
+                                     -> NCHW float32 tensor
     infer(tensor) -> outputs         the engine alone
-    finish(prepared, outputs) -> [Result]   decode boxes, NMS, scale back to each image
+    finish(prepared, outputs) -> [Result]   the task's decoder (`cvdeploy.vision.tasks`): boxes, NMS, masks, keypoints,
+                                     oriented boxes or class probabilities, scaled back to each image
 
 What is served is what is predicted: the server calls these same stages (it only adds a batcher between prepare
 and infer, which batches tensors of the same shape), so its answers equal `predict`'s.
@@ -30,13 +32,15 @@ from cvdeploy.runtime.exports import OpenVinoExport, is_openvino_export, openvin
 from cvdeploy.runtime.onnxruntime import OrtOptions
 from cvdeploy.vision.image import DecodeLimits, ImageSource, load_image
 from cvdeploy.vision.letterbox import LetterboxParams, LetterboxSpec, preprocess
-from cvdeploy.vision.postprocess import DetectOptions, decode_detect_batch
+from cvdeploy.vision.postprocess import DetectOptions, decode_classify
 from cvdeploy.vision.result import Result, Timings
+from cvdeploy.vision.tasks import TASKS, TaskHead, decode_batch
 
-SUPPORTED_TASKS = ("detect",)
+SUPPORTED_TASKS = TASKS
 # Ultralytics' predict arguments that mean something here (`predict`, `__call__`); any other is refused, naming these.
-PREDICT_OPTIONS = ("conf", "iou", "classes", "max_det", "agnostic_nms", "imgsz", "half", "save", "project", "name",
-                   "verbose", "stream")
+PREDICT_OPTIONS = ("conf", "iou", "classes", "max_det", "agnostic_nms", "retina_masks", "imgsz", "half", "save", "project",
+                   "name", "verbose", "stream")
+_DETECT_OPTIONS = ("conf", "iou", "max_det", "classes", "agnostic_nms", "retina_masks")
 # Ultralytics arguments people pass out of habit, with what to do instead.
 _OPTION_HINTS = {
     "device": "the device is chosen when the Predictor is made: Predictor(model, engine_options=OrtOptions(providers=('cuda',)))",
@@ -134,16 +138,26 @@ class Predictor:
             classes=None if classes is None else tuple(int(c) for c in classes),
         )
         self.limits = limits
-        self._end2end = m.postprocess.end2end
+        self.head = TaskHead(m.task, len(m.names), m.postprocess.end2end,
+                             _kpt_shape(m, getattr(self.engine, "metadata", None)) if m.task == "pose" else None)
+        if m.task == "pose" and self.head.kpt_shape is None:
+            raise InputError(f"{self.bundle.name!r} is a pose model whose keypoint shape (kpt_shape) neither the bundle nor "
+                             "the model's metadata gives: export it with Ultralytics, or build a bundle (cvdeploy build)")
 
     @property
     def names(self) -> dict[int, str]:
         return self.bundle.names
 
+    @property
+    def task(self) -> str:
+        """detect, segment, pose, obb or classify."""
+        return self.head.task
+
     def detect_options(self, **overrides: Any) -> DetectOptions:
-        """The Predictor's options with per-call `conf`, `iou`, `max_det`, `classes`, `agnostic_nms` (None keeps the
-        default; classes=None keeps every class). Unknown names are refused."""
-        unknown = set(overrides) - {"conf", "iou", "max_det", "classes", "agnostic_nms"}
+        """The Predictor's options with per-call `conf`, `iou`, `max_det`, `classes`, `agnostic_nms`, `retina_masks` (None
+        keeps the default; classes=None keeps every class). Unknown names are refused. A classify model ignores them,
+        as Ultralytics does."""
+        unknown = set(overrides) - set(_DETECT_OPTIONS)
         if unknown:
             raise InputError(f"unknown prediction option(s): {', '.join(sorted(unknown))}")
         if overrides.get("classes") is not None:
@@ -160,14 +174,13 @@ class Predictor:
             hints = "; ".join(f"{k}: {_OPTION_HINTS[k]}" for k in unknown if k in _OPTION_HINTS)
             raise InputError(f"unknown prediction option(s): {', '.join(unknown)}; supported: {', '.join(PREDICT_OPTIONS)}"
                              + (f" ({hints})" if hints else ""))
-        detect = self.detect_options(**{k: options[k] for k in ("conf", "iou", "max_det", "classes", "agnostic_nms")
-                                        if k in options})
+        detect = self.detect_options(**{k: options[k] for k in _DETECT_OPTIONS if k in options})
         if options.get("half"):
             self._check_half()
         save = options.get("save", False)
         if not isinstance(save, bool):
-            raise InputError(f"save must be True or False, got {save!r} (the folder is project/name, default runs/detect/predict)")
-        save_dir = Path(options.get("project") or "runs/detect") / str(options.get("name") or "predict") if save else None
+            raise InputError(f"save must be True or False, got {save!r} (the folder is project/name, default runs/{self.task}/predict)")
+        save_dir = Path(options.get("project") or f"runs/{self.task}") / str(options.get("name") or "predict") if save else None
         return CallOptions(detect, self._spec_for(options.get("imgsz")), save_dir, bool(options.get("verbose", False)),
                            bool(options.get("stream", False)))
 
@@ -230,23 +243,28 @@ class Predictor:
 
     def finish(self, prepared: Prepared, outputs: dict[str, np.ndarray] | np.ndarray, *, options: DetectOptions | None = None,
                timings: Sequence[Timings] | None = None, sources: Sequence[str | None] | None = None) -> list[Result]:
-        """Stage 4: the raw outputs of `prepared` (all its rows) -> one Result per image, boxes in the image's pixels.
+        """Stage 4: the raw outputs of `prepared` (all its rows) -> one Result per image, in the image's pixels.
 
-        `timings` (one per image) get this stage's time added; `sources` name the images in their results.
+        `outputs` is `infer_all`'s dict (a segment model needs both of its outputs) or, for the other tasks, the one
+        array `infer` returns. `timings` (one per image) get this stage's time added; `sources` name the images.
         """
-        output = outputs if isinstance(outputs, np.ndarray) else next(iter(outputs.values()))
         n = len(prepared.params)
-        if output.shape[0] != n:
-            raise InputError(f"finish: {output.shape[0]} output rows for {n} prepared image(s)")
+        for name, arr in ({"output": outputs} if isinstance(outputs, np.ndarray) else outputs).items():
+            if arr.shape[0] != n:
+                raise InputError(f"finish: {arr.shape[0]} rows in output {name!r} for {n} prepared image(s)")
         t0 = time.perf_counter()
-        dets = decode_detect_batch(output, prepared.params, options or self.options, end2end=self._end2end)
+        decoded = decode_batch(self.head, outputs, prepared.params, options or self.options)
         post = _ms(t0, time.perf_counter()) / n
         timings = list(timings) if timings is not None else [Timings(preprocess=prepared.ms_per_image) for _ in range(n)]
         names = list(sources) if sources is not None else [None] * n
         results = []
-        for d, shape, t, src in zip(dets, prepared.shapes, timings, names, strict=True):
+        for d, shape, t, src in zip(decoded, prepared.shapes, timings, names, strict=True):
             t.postprocess += post
-            results.append(Result("detect", self.names, shape, detections=d, timings=t, source=src))
+            if d.probs is not None:
+                results.append(Result(self.task, self.names, shape, classes=decode_classify(d.probs), probabilities=d.probs,
+                                      timings=t, source=src))
+            else:
+                results.append(Result(self.task, self.names, shape, detections=d.detections, timings=t, source=src))
         return results
 
     # -- the stages composed -----------------------------------------------------------------------
@@ -469,7 +487,7 @@ def _openvino_bundle(export: OpenVinoExport) -> Bundle:
     """An Ultralytics OpenVINO export described as a one-variant bundle, as `Bundle.from_onnx` describes an .onnx."""
     from cvdeploy import __version__
     from cvdeploy.bundle.bundle import sha256_file
-    from cvdeploy.bundle.manifest import Manifest, PostprocessSpec, PreprocessSpec, SourceInfo, TensorInfo, Variant
+    from cvdeploy.bundle.manifest import Manifest, PostprocessSpec, PreprocessSpec, SourceInfo, TaskInfo, TensorInfo, Variant
     from cvdeploy.runtime.openvino import read_io
 
     meta, xml = export.metadata, export.xml
@@ -479,9 +497,10 @@ def _openvino_bundle(export: OpenVinoExport) -> Bundle:
         name=xml.stem,
         task=meta.task,  # type: ignore[arg-type]
         names=meta.names,
+        task_info=TaskInfo(kpt_shape=meta.kpt_shape, kpt_names=meta.kpt_names) if meta.kpt_shape else None,
         input=TensorInfo(name=inputs[0].name, shape=list(inputs[0].shape), dtype=inputs[0].dtype),  # type: ignore[arg-type]
         outputs=[TensorInfo(name=o.name, shape=list(o.shape), dtype=o.dtype) for o in outputs],  # type: ignore[arg-type]
-        preprocess=PreprocessSpec(imgsz=meta.imgsz, stride=meta.stride),
+        preprocess=PreprocessSpec.for_task(meta.task, meta.imgsz, meta.stride),
         postprocess=PostprocessSpec(end2end=meta.end2end),
         # Computed in f32 whatever the weights are stored in (a half=True export compresses them to fp16): OpenVINO's CPU
         # plugin would otherwise pick bf16 on CPUs that have it.
@@ -495,6 +514,18 @@ def _openvino_bundle(export: OpenVinoExport) -> Bundle:
         cvdeploy_version=__version__,
     )
     return Bundle(manifest, None, onnx_path=xml)
+
+
+def _kpt_shape(manifest: Any, engine_metadata: dict[str, str] | None) -> tuple[int, int] | None:
+    """A pose model's keypoint shape: the bundle's, else the ONNX model's own Ultralytics metadata (a plain .onnx)."""
+    info = manifest.task_info
+    if info is not None and info.kpt_shape is not None:
+        return tuple(info.kpt_shape)
+    if engine_metadata and "kpt_shape" in engine_metadata:
+        from cvdeploy.runtime.exports import parse_kpt_shape
+
+        return parse_kpt_shape(engine_metadata["kpt_shape"])
+    return None
 
 
 def _with_threads(options: Any, kind: str, threads: int) -> Any:

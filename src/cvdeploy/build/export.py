@@ -1,5 +1,9 @@
 """`cvdeploy build`: export a .pt with Ultralytics to ONNX and write a verified bundle around it.
 
+Every YOLO task is built: detect, segment, pose, obb and classify, and end-to-end (NMS-free, YOLO26) heads. Every
+output of the graph (segment: predictions and prototypes) is held against the torch model run in the same head mode
+as the export (one-to-one for an end-to-end head).
+
 This is the one place (with the rest of cvdeploy.build) where torch and ultralytics are imported.
 """
 
@@ -29,14 +33,16 @@ from cvdeploy.bundle.manifest import (
     PostprocessSpec,
     PreprocessSpec,
     SourceInfo,
+    TaskInfo,
     TensorInfo,
     Variant,
 )
 from cvdeploy.errors import BundleError, CvdeployError, InputError, MissingDependencyError, ModelFormatError
-from cvdeploy.evaluate.parity import compare_outputs
+from cvdeploy.evaluate.parity import compare_outputs, merge_parity
 from cvdeploy.runtime.onnxruntime import OrtEngine, OrtOptions
 from cvdeploy.vision.image import IMAGE_SUFFIXES, load_image
-from cvdeploy.vision.letterbox import letterbox, to_tensor
+from cvdeploy.vision.letterbox import preprocess
+from cvdeploy.vision.tasks import TASKS
 
 BUILD_STEPS = ("load model", "export ONNX", "golden inputs", "source outputs", "parity check", "write bundle")
 DEFAULT_SCORE_TOLERANCE = 1e-3
@@ -82,18 +88,50 @@ def golden_images(images: str | os.PathLike[str] | None, n: int, seed: int = 0) 
 
 def golden_tensors(imgs: Sequence[np.ndarray], pre: PreprocessSpec) -> list[tuple[np.ndarray, str]]:
     """Inputs that exercise what the graph must handle: single images at their own (rect) sizes and a batch."""
+    from dataclasses import replace
+
     spec = pre.letterbox()
-    cases = [(to_tensor([letterbox(im, spec, auto=spec.rect)[0]], spec), f"image {i}, minimal-padding letterbox")
-             for i, im in enumerate(imgs)]
+    crop = spec.mode == "center_crop"
+    one = "center crop" if crop else "minimal-padding letterbox" if spec.rect else "square letterbox"
+    cases = [(preprocess([im], spec)[0], f"image {i}, {one}") for i, im in enumerate(imgs)]
     if len(imgs) >= 2:
-        batch = [letterbox(im, spec, auto=False)[0] for im in imgs[:2]]
-        cases.append((to_tensor(batch, spec), "images 0-1 as a batch of 2, square letterbox"))
+        batch = preprocess(list(imgs[:2]), replace(spec, rect=False))[0]
+        cases.append((batch, f"images 0-1 as a batch of 2, {'center crop' if crop else 'square letterbox'}"))
     return cases
 
 
-def _max_or_none(values) -> float | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
+def torch_outputs(y: Any) -> list[Any]:
+    """The tensors the exported graph returns, from the torch model's eval-mode output: detect, pose, obb (inference,
+    raw) -> inference; segment ((predictions, prototypes), raw) -> both; classify (probabilities, logits) ->
+    probabilities. An end-to-end head's inference output is its top-k rows."""
+    if isinstance(y, list | tuple):
+        y = y[0]
+    return list(y) if isinstance(y, list | tuple) else [y]
+
+
+def task_info(yolo: Any, task: str) -> TaskInfo | None:
+    """Pose: keypoint shape, names and flip order (the last from the training data.yaml, when it is still there);
+    segment: the number of prototypes."""
+    head = yolo.model.model[-1]
+    if task == "segment":
+        return TaskInfo(mask_channels=int(head.nm))
+    if task != "pose":
+        return None
+    kpt_names = getattr(yolo.model, "kpt_names", None)
+    names = {int(k): [str(n) for n in v] for k, v in kpt_names.items()} if isinstance(kpt_names, dict) else None
+    return TaskInfo(kpt_shape=tuple(int(v) for v in head.kpt_shape), kpt_names=names, flip_idx=_flip_idx(yolo))
+
+
+def _flip_idx(yolo: Any) -> list[int] | None:
+    import yaml
+
+    args = {**((getattr(yolo, "ckpt", None) or {}).get("train_args") or {}), **(getattr(yolo.model, "args", None) or {})}
+    data = args.get("data") if isinstance(args, dict) else None
+    try:
+        values = yaml.safe_load(Path(data).read_text()).get("flip_idx") if data and Path(data).is_file() else None
+        return [int(v) for v in values] if values else None
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def _safe_name(name: str) -> str:
@@ -152,8 +190,8 @@ def build_bundle(
         except Exception as e:  # ultralytics raises bare Exceptions/KeyErrors for foreign pickles
             raise ModelFormatError(f"{src} is not an Ultralytics model ({type(e).__name__}: {e})") from e
         task = yolo.task
-        if task != "detect":
-            raise ModelFormatError(f"{src} is a {task} model; this release builds detect bundles only")
+        if task not in TASKS:
+            raise ModelFormatError(f"{src} is a {task} model; cvdeploy builds {', '.join(TASKS)} bundles")
         names = {int(k): str(v) for k, v in yolo.names.items()}
         train_imgsz = (yolo.overrides or {}).get("imgsz")
         size = imgsz or (train_imgsz if isinstance(train_imgsz, int) else 640)
@@ -168,41 +206,43 @@ def build_bundle(
         _reproducible(onnx_file, (getattr(yolo, "ckpt", None) or {}).get("date"))
 
         step("golden inputs")
-        pre = PreprocessSpec(imgsz=(size, size), stride=stride)
+        pre = PreprocessSpec.for_task(task, (size, size), stride)
         imgs, golden_source = golden_images(images, n_golden)
         cases = golden_tensors(imgs, pre)
 
         step("source outputs")
-        net = yolo.model.float().eval()
-        reference: list[dict[str, np.ndarray]] = []
         engine = OrtEngine(onnx_file, OrtOptions(providers=("CPUExecutionProvider",)))
         out_names = [o.name for o in engine.outputs]
+        # The export's own head mode: an end-to-end (NMS-free) head exports its one-to-one branch and top-k rows; the
+        # torch model must run the same branch, or it answers (1, 4 + nc, anchors) where the graph gives (1, 300, 6).
+        end2end = str(engine.metadata.get("end2end", "False")) == "True"
+        net = yolo.model.float().eval()
+        if hasattr(net, "end2end"):
+            net.end2end = end2end
+        reference: list[dict[str, np.ndarray]] = []
         with torch.inference_mode():
             for tensor, _ in cases:
-                y = net(torch.from_numpy(tensor))
-                y = y[0] if isinstance(y, list | tuple) else y
-                reference.append({out_names[0]: y.numpy().astype(np.float32)})
+                ys = torch_outputs(net(torch.from_numpy(tensor)))
+                if len(ys) != len(out_names):
+                    raise BundleError(f"the torch model gives {len(ys)} output(s), the ONNX export {len(out_names)} "
+                                      f"({', '.join(out_names)}); cannot check parity")
+                reference.append({n: y.numpy().astype(np.float32) for n, y in zip(out_names, ys, strict=True)})
 
         step("parity check")
         per_output: dict[str, list[OutputParity]] = {}
         for (tensor, _), ref in zip(cases, reference, strict=True):
             got = engine.run({engine.inputs[0].name: tensor})
-            for k, v in compare_outputs(got, ref, task=task, nc=len(names)).items():
+            for k, v in compare_outputs(got, ref, task=task, nc=len(names), end2end=end2end).items():
                 per_output.setdefault(k, []).append(v)
-        merged = {k: OutputParity(max_abs=max(v.max_abs for v in vs), mean_abs=float(np.mean([v.mean_abs for v in vs])),
-                                  max_rel=max(v.max_rel for v in vs),
-                                  max_abs_scores=_max_or_none(v.max_abs_scores for v in vs),
-                                  max_abs_boxes=_max_or_none(v.max_abs_boxes for v in vs))
-                  for k, vs in per_output.items()}
-        score_diffs = [p.max_abs_scores for p in merged.values() if p.max_abs_scores is not None]
-        if not score_diffs:  # a layout we cannot split into boxes and scores: hold every output to the tolerance
-            score_diffs = [p.max_abs for p in merged.values()]
-        worst = max(score_diffs)
+        merged = {k: merge_parity(vs) for k, vs in per_output.items()}
+        worst_name, worst_parity = max(merged.items(), key=lambda kv: kv[1].worst)
+        worst = worst_parity.worst
         parity = ParityReport(reference=f"torch {torch.__version__} (source .pt, fp32)", tolerance_scores=score_tolerance,
                               passed=worst <= score_tolerance, outputs=merged)
         if not parity.passed:
+            what = "class scores" if worst_parity.max_abs_scores is not None else f"output {worst_name!r} (relative to its range)"
             raise BundleError(
-                f"the ONNX export differs from the source model: class scores differ by up to {worst:.2e} "
+                f"the ONNX export differs from the source model: {what} differ by up to {worst:.2e} "
                 f"(tolerance {score_tolerance:.0e}); nothing was written"
             )
 
@@ -224,10 +264,11 @@ def build_bundle(
                 name=bundle_name,
                 task=task,
                 names=names,
+                task_info=task_info(yolo, task),
                 input=TensorInfo(name=inp.name, shape=list(inp.shape), dtype=inp.dtype),  # type: ignore[arg-type]
                 outputs=[TensorInfo(name=o.name, shape=list(o.shape), dtype=o.dtype) for o in engine.outputs],  # type: ignore[arg-type]
                 preprocess=pre,
-                postprocess=PostprocessSpec(),
+                postprocess=PostprocessSpec(end2end=end2end),
                 variants={"onnx-fp32": Variant(file="variants/onnx-fp32.onnx", sha256=sha256_file(variant_file),
                                                size_bytes=variant_file.stat().st_size, parity=parity)},
                 default_variant="onnx-fp32",

@@ -423,6 +423,10 @@ def add_variants(
     bundle = Bundle.load(bundle_path)
     if bundle.root is None:
         raise InputError(f"{bundle_path} is a plain .onnx file; variants are added to a bundle directory")
+    if data is not None and bundle.manifest.task == "classify":
+        # --data scores box mAP and calibrates from a YOLO detection split; a classifier has neither boxes nor such labels.
+        raise InputError(f"{bundle.name!r} is a classify bundle: --data (mAP, INT8 calibration, data profile) reads "
+                         "detection labels; add its variants without --data (onnx-fp16, openvino-fp32, openvino-bf16)")
     root = bundle.root
     if "onnx-fp32" not in bundle.manifest.variants:
         raise BundleError(f"bundle {bundle.name!r} has no onnx-fp32 variant to derive variants from")

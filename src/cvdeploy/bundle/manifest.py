@@ -33,14 +33,24 @@ class PreprocessSpec(_Model):
     scaleup: bool = True
     channel_order: Literal["RGB", "BGR"] = "RGB"
     scale: float = 255.0
-    interpolation: Literal["linear"] = "linear"
+    # letterbox: cv2 INTER_LINEAR resize and padding (detect, segment, pose, obb); center_crop: Ultralytics' classify
+    # transforms (the shorter side resized with Pillow's antialiased bilinear filter, the centre cropped to imgsz).
+    resize: Literal["letterbox", "center_crop"] = "letterbox"
+    interpolation: Literal["linear", "pil_bilinear"] = "linear"
     decoder: Literal["opencv-imread-color"] = "opencv-imread-color"  # EXIF applied, alpha dropped, 8-bit
 
     def letterbox(self) -> LetterboxSpec:
         return LetterboxSpec(
             imgsz=self.imgsz, stride=self.stride, pad_value=self.pad_value, rect=self.rect,
-            scaleup=self.scaleup, channel_order=self.channel_order, scale=self.scale,
+            scaleup=self.scaleup, channel_order=self.channel_order, scale=self.scale, mode=self.resize,
         )
+
+    @classmethod
+    def for_task(cls, task: str, imgsz: tuple[int, int], stride: int = 32) -> PreprocessSpec:
+        """What Ultralytics' predictor does for `task`: classify center-crops, every other task letterboxes."""
+        if task == "classify":
+            return cls(imgsz=imgsz, stride=stride, rect=False, resize="center_crop", interpolation="pil_bilinear")
+        return cls(imgsz=imgsz, stride=stride)
 
 
 class PostprocessSpec(_Model):
@@ -59,13 +69,18 @@ class OutputParity(_Model):
     max_abs: float
     mean_abs: float
     max_rel: float
-    max_abs_scores: float | None = None  # detect: class-score channels only
-    max_abs_boxes: float | None = None  # detect: box channels, in input pixels
+    max_abs_scores: float | None = None  # box tasks: class-score channels only; classify: the probabilities
+    max_abs_boxes: float | None = None  # box tasks: box channels, in input pixels
+    max_abs_extra: float | None = None  # segment: mask coefficients, pose: keypoints (input pixels, visibility), obb: angle
+    max_abs_scaled: float | None = None  # outputs without scores (segment prototypes): max_abs / the output's largest |value|
 
     @property
     def worst(self) -> float:
-        """The figure the tolerance applies to: the class-score difference, or the whole output's when it has none."""
-        return self.max_abs if self.max_abs_scores is None else self.max_abs_scores
+        """The figure the tolerance applies to: the class-score difference; for an output without scores, its difference
+        relative to its own range (prototypes), else its whole difference."""
+        if self.max_abs_scores is not None:
+            return self.max_abs_scores
+        return self.max_abs if self.max_abs_scaled is None else self.max_abs_scaled
 
 
 class ParityReport(_Model):
@@ -155,11 +170,21 @@ class SourceInfo(_Model):
     golden_images: str = ""  # where the golden inputs came from
 
 
+class TaskInfo(_Model):
+    """What reading a task's outputs needs beyond the class names (Ultralytics' export metadata and training data)."""
+
+    kpt_shape: tuple[int, int] | None = None  # pose: keypoints per object, values per keypoint (2: x, y; 3: + visibility)
+    kpt_names: dict[int, list[str]] | None = None  # pose: keypoint names per class
+    flip_idx: list[int] | None = None  # pose: the keypoint each one becomes in a left-right flip (from the training data)
+    mask_channels: int | None = None  # segment: prototype masks (mask coefficients per detection)
+
+
 class Manifest(_Model):
     schema_version: int = SCHEMA_VERSION
     name: str
     task: Task
     names: dict[int, str]
+    task_info: TaskInfo | None = None  # pose and segment details; None for detect, obb and classify
     input: TensorInfo
     outputs: list[TensorInfo]
     preprocess: PreprocessSpec
@@ -191,6 +216,20 @@ class Manifest(_Model):
         if not v:
             raise ValueError("a bundle needs at least one variant")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _classify_center_crops(cls, data: Any) -> Any:
+        """A classify model is center-cropped, never letterboxed (Ultralytics' classify predictor): a manifest that
+        does not say so (a plain .onnx read by `Bundle.from_onnx`) gets the classify preprocessing."""
+        if not isinstance(data, dict) or data.get("task") != "classify":
+            return data
+        pre = data.get("preprocess")
+        if isinstance(pre, PreprocessSpec) and "resize" not in pre.model_fields_set:
+            data = {**data, "preprocess": PreprocessSpec.for_task("classify", pre.imgsz, pre.stride)}
+        elif isinstance(pre, dict) and "resize" not in pre:
+            data = {**data, "preprocess": {**pre, "resize": "center_crop", "interpolation": "pil_bilinear", "rect": False}}
+        return data
 
     @model_validator(mode="after")
     def _default_is_a_variant(self) -> Manifest:

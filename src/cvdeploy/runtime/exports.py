@@ -4,7 +4,7 @@
     yolo export format=onnx nms=True   model.onnx          the same; output (batch, 300, 6): NMS already in the graph
     yolo export format=openvino    model_openvino_model/   model.xml + model.bin + metadata.yaml (plain YAML)
 
-Both metadata forms carry the same keys (names, imgsz, stride, task, batch, args, end2end); `ExportMetadata.parse`
+Both metadata forms carry the same keys (names, imgsz, stride, task, batch, args, end2end; pose: kpt_shape, kpt_names); `ExportMetadata.parse`
 reads either, so an export opens with the settings it was exported with, never with a default that could differ.
 """
 
@@ -38,6 +38,8 @@ class ExportMetadata:
     half: bool = False
     version: str | None = None  # the Ultralytics version that exported it
     date: str | None = None
+    kpt_shape: tuple[int, int] | None = None  # pose: keypoints per object, values per keypoint
+    kpt_names: dict[int, list[str]] | None = None  # pose: keypoint names per class
 
     @classmethod
     def parse(cls, meta: Mapping[str, Any], where: str | os.PathLike[str]) -> ExportMetadata:
@@ -67,6 +69,8 @@ class ExportMetadata:
             half=bool(args.get("half")) or args.get("quantize") == 16,  # Ultralytics 8.4 writes half=True as quantize=16
             version=None if meta.get("version") is None else str(meta["version"]),
             date=None if meta.get("date") is None else str(meta["date"]),
+            kpt_shape=parse_kpt_shape(meta["kpt_shape"], where) if meta.get("kpt_shape") is not None else None,
+            kpt_names=_kpt_names(meta.get("kpt_names")),
         )
 
 
@@ -115,6 +119,28 @@ def openvino_export(path: str | os.PathLike[str]) -> OpenVinoExport:
     if not isinstance(meta, dict):
         raise ModelFormatError(f"{meta_file}: expected a mapping of Ultralytics metadata, got {type(meta).__name__}")
     return OpenVinoExport(xml, weights, ExportMetadata.parse(meta, meta_file))
+
+
+def parse_kpt_shape(value: Any, where: str | os.PathLike[str] = "the model") -> tuple[int, int]:
+    """A pose model's kpt_shape from its metadata ("[17, 3]" in ONNX, a list in YAML) as (keypoints, values)."""
+    v = _value(value)
+    try:
+        k, d = (int(x) for x in v)
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"{where}: its metadata gives kpt_shape {value!r}; expected [keypoints, 2 or 3]") from e
+    if k < 1 or d not in (2, 3):
+        raise ModelFormatError(f"{where}: its metadata gives kpt_shape {[k, d]}; expected [keypoints, 2 or 3]")
+    return k, d
+
+
+def _kpt_names(value: Any) -> dict[int, list[str]] | None:
+    v = _value(value)
+    if not isinstance(v, dict):
+        return None
+    try:
+        return {int(k): [str(n) for n in names] for k, names in v.items()}
+    except (TypeError, ValueError):
+        return None
 
 
 def _value(v: Any) -> Any:

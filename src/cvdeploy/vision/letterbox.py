@@ -1,4 +1,5 @@
-"""Letterbox resizing and tensor packing, exactly as Ultralytics does it at inference."""
+"""Letterbox resizing (detect, segment, pose, obb), center cropping (classify) and tensor packing, exactly as
+Ultralytics does them at inference."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import cv2
 import numpy as np
 
 from cvdeploy.errors import InputError
+
+RESIZE_MODES = ("letterbox", "center_crop")
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class LetterboxSpec:
     scaleup: bool = True
     channel_order: str = "RGB"  # what the network expects; images arrive as BGR
     scale: float = 255.0  # divide pixel values by this
+    mode: str = "letterbox"  # or "center_crop": classify models (resize the shorter side, crop the centre)
 
     def __post_init__(self) -> None:
         if len(self.imgsz) != 2 or min(self.imgsz) < 1:
@@ -29,11 +33,16 @@ class LetterboxSpec:
             raise InputError(f"stride must be positive, got {self.stride}")
         if self.channel_order not in ("RGB", "BGR"):
             raise InputError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if self.mode not in RESIZE_MODES:
+            raise InputError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.mode!r}")
 
 
 @dataclass(frozen=True)
 class LetterboxParams:
-    """Where the original image lies in the network input: what postprocessing needs to map boxes back."""
+    """Where the original image lies in the network input: what postprocessing needs to map boxes back.
+
+    A center crop is described the same way: the resized image placed at (top, left) <= 0 in the network input.
+    """
 
     orig_shape: tuple[int, int]  # (h, w) of the decoded image
     input_shape: tuple[int, int]  # (h, w) of the network input
@@ -87,8 +96,40 @@ def to_tensor(images: list[np.ndarray], spec: LetterboxSpec) -> np.ndarray:
     return out
 
 
+def center_crop_params(shape: tuple[int, int], spec: LetterboxSpec) -> LetterboxParams:
+    """Ultralytics' classify transforms (torchvision `Resize` then `CenterCrop`): a square imgsz resizes the shorter
+    side to it (the longer one truncated), any other resizes to it exactly; then the centre is cropped."""
+    h0, w0 = shape
+    th, tw = spec.imgsz
+    if th == tw:
+        short, long = (w0, h0) if w0 <= h0 else (h0, w0)
+        new_short, new_long = th, int(th * long / short)
+        new_w, new_h = (new_short, new_long) if w0 <= h0 else (new_long, new_short)
+    else:
+        new_w, new_h = tw, th
+    top, left = round((new_h - th) / 2.0), round((new_w - tw) / 2.0)
+    return LetterboxParams((h0, w0), (th, tw), (new_w, new_h), -top, -left)
+
+
+def center_crop(image: np.ndarray, spec: LetterboxSpec) -> tuple[np.ndarray, LetterboxParams]:
+    """Resize with Pillow's antialiased bilinear filter (what torchvision's `Resize` runs on the PIL image Ultralytics
+    hands it; the pixels are BGR, which resizing does not mind) and crop the centre at `spec.imgsz`."""
+    from PIL import Image
+
+    params = center_crop_params(image.shape[:2], spec)
+    if (image.shape[1], image.shape[0]) != params.new_unpad:
+        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(params.new_unpad, Image.Resampling.BILINEAR))
+    th, tw = spec.imgsz
+    top, left = -params.top, -params.left
+    return np.ascontiguousarray(image[top : top + th, left : left + tw]), params
+
+
 def preprocess(images: list[np.ndarray], spec: LetterboxSpec) -> tuple[np.ndarray, list[LetterboxParams]]:
-    """Letterbox a batch the way Ultralytics does: minimal padding only when every image has the same shape."""
+    """Letterbox a batch the way Ultralytics does: minimal padding only when every image has the same shape (center
+    crop every image for a classify spec)."""
+    if spec.mode == "center_crop":
+        cropped, params = zip(*(center_crop(im, spec) for im in images), strict=True)
+        return to_tensor(list(cropped), spec), list(params)
     auto = spec.rect and len({im.shape for im in images}) == 1
     boxed, params = zip(*(letterbox(im, spec, auto=auto) for im in images), strict=True)
     return to_tensor(list(boxed), spec), list(params)

@@ -1,4 +1,9 @@
-"""Task decoders: raw network outputs to Detections / Classifications in original-image pixels."""
+"""Detection decoding and NMS shared by every box task: raw head outputs to Detections / Classifications.
+
+`select_candidates` is Ultralytics' `non_max_suppression` (and its end-to-end branch) on one image: it returns the kept
+rows in network-input pixels with their extra channels (mask coefficients, keypoints, angle) for the task decoders of
+`cvdeploy.vision.tasks` to finish; `decode_detect` finishes a plain detect output.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ class DetectOptions:
     max_det: int = 300
     classes: tuple[int, ...] | None = None
     agnostic: bool = False
+    retina_masks: bool = False  # segment: masks at the original image's size (Ultralytics' retina_masks), else the input's
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.conf <= 1.0:
@@ -88,15 +94,37 @@ def scale_boxes(xyxy: np.ndarray, params: LetterboxParams) -> np.ndarray:
     return out
 
 
-def decode_detect(output: np.ndarray, params: LetterboxParams, options: DetectOptions) -> Detections:
-    """Decode one image's YOLO head output (4 + nc, anchors): xywh boxes then class scores."""
-    if output.ndim != 2 or output.shape[0] < 5:
-        raise InputError(f"detect output: expected shape (4 + classes, anchors), got {output.shape}")
-    scores = output[4:]
+@dataclass
+class Candidates:
+    """One image's detections after NMS, in network-input pixels: `boxes` xyxy (or xywh when rotated), and the extra
+    channels after the class scores (mask coefficients, keypoints, angle), best first."""
+
+    boxes: np.ndarray  # (n, 4) float32
+    confidence: np.ndarray  # (n,) float32
+    class_id: np.ndarray  # (n,) int64
+    extra: np.ndarray  # (n, e) float32
+
+    @classmethod
+    def empty(cls, n_extra: int = 0) -> Candidates:
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros((0, n_extra), np.float32))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def select_candidates(output: np.ndarray, options: DetectOptions, *, nc: int | None = None, rotated: bool = False) -> Candidates:
+    """Ultralytics' `non_max_suppression` on one image's head output (4 + nc + extra, anchors): best class per anchor,
+    conf strictly above the threshold, the classes filter, the 30,000 most confident, class-aware NMS (greedy,
+    torchvision's; rotated: Fast-NMS on probabilistic IoU, the angle being the last extra channel), max_det."""
+    nc = output.shape[0] - 4 if nc is None else nc
+    if output.ndim != 2 or nc < 1 or output.shape[0] < 4 + nc:
+        raise InputError(f"detect output: expected shape (4 + {nc} classes + extra, anchors), got {output.shape}")
+    n_extra = output.shape[0] - 4 - nc
+    scores = output[4 : 4 + nc]
     best = scores.max(0)
     cand = np.flatnonzero(best > options.conf)
     if cand.size == 0:
-        return Detections.empty()
+        return Candidates.empty(n_extra)
     conf = best[cand]
     cls = scores[:, cand].argmax(0)
     if options.classes is not None:
@@ -105,23 +133,50 @@ def decode_detect(output: np.ndarray, params: LetterboxParams, options: DetectOp
     if cand.size > MAX_NMS:
         top = np.argsort(-conf, kind="stable")[:MAX_NMS]
         cand, conf, cls = cand[top], conf[top], cls[top]
+    extra = output[4 + nc :, cand].T
     xywh = output[:4, cand].T
-    half = xywh[:, 2:] / 2
-    xyxy = np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], 1)
-    offset = (cls[:, None] * (0 if options.agnostic else MAX_WH)).astype(xyxy.dtype)
-    keep = nms(xyxy + offset, conf, options.iou, max_keep=options.max_det)
-    return Detections(scale_boxes(xyxy[keep], params), conf[keep], cls[keep])
+    offset = (cls[:, None] * (0 if options.agnostic else MAX_WH)).astype(np.float32)
+    if rotated:
+        from cvdeploy.vision.obb import nms_rotated
+
+        if n_extra < 1:
+            raise InputError(f"obb output: expected an angle channel after the {nc} class scores, got shape {output.shape}")
+        rboxes = np.concatenate([xywh[:, :2] + offset, xywh[:, 2:4], extra[:, -1:]], 1)
+        keep = nms_rotated(rboxes, conf, options.iou, max_keep=options.max_det)
+        boxes = xywh
+    else:
+        half = xywh[:, 2:] / 2
+        boxes = np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], 1)
+        keep = nms(boxes + offset, conf, options.iou, max_keep=options.max_det)
+    return Candidates(boxes[keep], conf[keep], cls[keep].astype(np.int64), np.ascontiguousarray(extra[keep], dtype=np.float32))
+
+
+def select_end2end(output: np.ndarray, options: DetectOptions) -> Candidates:
+    """Ultralytics' end-to-end branch on one image's rows (x1, y1, x2, y2 or x, y, w, h for obb, conf, class, extra...):
+    conf strictly above the threshold, the classes filter, the first max_det rows; no NMS."""
+    if output.ndim != 2 or output.shape[1] < 6:
+        raise InputError(f"end-to-end output: expected shape (detections, 6 + extra), got {output.shape}")
+    keep = output[:, 4] > options.conf
+    if options.classes is not None:
+        keep &= np.isin(output[:, 5].astype(np.int64), options.classes)
+    rows = output[keep][: options.max_det].astype(np.float32, copy=False)
+    return Candidates(rows[:, :4], rows[:, 4], rows[:, 5].astype(np.int64), np.ascontiguousarray(rows[:, 6:]))
+
+
+def decode_detect(output: np.ndarray, params: LetterboxParams, options: DetectOptions, *, nc: int | None = None) -> Detections:
+    """Decode one image's YOLO head output (4 + nc, anchors): xywh boxes then class scores."""
+    if output.ndim != 2 or output.shape[0] < 5:
+        raise InputError(f"detect output: expected shape (4 + classes, anchors), got {output.shape}")
+    c = select_candidates(output, options, nc=nc)
+    if not len(c):
+        return Detections.empty()
+    return Detections(scale_boxes(c.boxes, params), c.confidence, c.class_id)
 
 
 def decode_end2end(output: np.ndarray, params: LetterboxParams, options: DetectOptions) -> Detections:
     """Decode one image's NMS-free output (rows of x1, y1, x2, y2, conf, class), e.g. YOLO26 or nms=True exports."""
-    if output.ndim != 2 or output.shape[1] < 6:
-        raise InputError(f"end-to-end output: expected shape (detections, 6), got {output.shape}")
-    keep = output[:, 4] > options.conf
-    if options.classes is not None:
-        keep &= np.isin(output[:, 5].astype(np.int64), options.classes)
-    rows = output[keep][: options.max_det]
-    return Detections(scale_boxes(rows[:, :4], params), rows[:, 4], rows[:, 5].astype(np.int64))
+    c = select_end2end(output, options)
+    return Detections(scale_boxes(c.boxes, params), c.confidence, c.class_id)
 
 
 def decode_detect_batch(
