@@ -189,3 +189,17 @@ def test_wrong_input_shape_to_the_engine_is_refused(predictor: Predictor) -> Non
         predictor.infer(np.zeros((1, 4, 64, 64), np.float32))
     with pytest.raises(InputError, match="expected dtype float32"):
         predictor.infer(np.zeros((1, 3, 64, 64), np.float64))
+
+
+def test_threads_reach_every_engine_kind() -> None:
+    """`Predictor(threads=N)` sets the thread count of whichever engine runs the variant (none silently ignores it)."""
+    from cvdeploy.predict import _with_threads
+    from cvdeploy.runtime.litert import LiteRtOptions
+    from cvdeploy.runtime.ncnn import NcnnOptions
+    from cvdeploy.runtime.onnxruntime import OrtOptions
+    from cvdeploy.runtime.openvino import OvOptions
+
+    assert _with_threads(None, "onnxruntime", 3) == OrtOptions(intra_op_threads=3)
+    assert _with_threads(None, "openvino", 3).num_threads == 3 and isinstance(_with_threads(None, "openvino", 3), OvOptions)
+    assert _with_threads(NcnnOptions(precision="f16"), "ncnn", 3) == NcnnOptions(num_threads=3, precision="f16")
+    assert _with_threads(None, "litert", 3) == LiteRtOptions(num_threads=3)

@@ -536,6 +536,14 @@ def _with_threads(options: Any, kind: str, threads: int) -> Any:
         from cvdeploy.runtime.openvino import OvOptions
 
         return replace(options if isinstance(options, OvOptions) else OvOptions(), num_threads=threads)
+    if kind == "ncnn":
+        from cvdeploy.runtime.ncnn import NcnnOptions
+
+        return replace(options if isinstance(options, NcnnOptions) else NcnnOptions(), num_threads=threads)
+    if kind == "litert":
+        from cvdeploy.runtime.litert import LiteRtOptions
+
+        return replace(options if isinstance(options, LiteRtOptions) else LiteRtOptions(), num_threads=threads)
     return replace(options if isinstance(options, OrtOptions) else OrtOptions(), intra_op_threads=threads)
 
 
