@@ -160,6 +160,18 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert len(list((tmp_path / "demo" / "predictions").iterdir())) == 2  # only this run's images
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("task", "folder", "cell"), [("classify", "predictions-cls", r"(circle|square|triangle|star|hexagon|cross) [01]\.\d\d"),
+                                                      ("segment", "predictions-seg", r"\d+ (circle|square|triangle|star|hexagon|cross)")])
+def test_demo_of_another_task(tmp_path: Path, task: str, folder: str, cell: str) -> None:
+    import re
+
+    p = run("demo", "--out", tmp_path, "--n", "3", "--task", task)
+    assert p.returncode == 0, p.stderr
+    assert len(list((tmp_path / folder).glob("*.jpg"))) == 3 and re.search(cell, p.stdout), p.stdout
+    assert_one_line_error(run("demo", "--out", tmp_path, "--task", "depth"), "--task")
+
+
 def test_bench_writes_a_table_and_json(demo_bundle: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     p = run("bench", demo_bundle, "--iterations", "3", "--warmup", "1", "--concurrency", "1,2",

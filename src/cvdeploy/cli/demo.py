@@ -17,33 +17,41 @@ def demo(
     out: Path = typer.Option(Path("cvdeploy-demo"), help="Working directory for the images, bundle and predictions."),
     n: int = typer.Option(8, min=1, max=500, help="Number of shapes images to generate and predict."),
     seed: int = typer.Option(7, min=0, help="Seed for the demo images (the model was trained on seed 0)."),
+    task: str = typer.Option("detect", help="Which demo model: detect, segment, pose, obb or classify."),
 ) -> None:
-    """Run the bundled YOLO11n shapes model end to end on freshly generated images.
+    """Run the bundled YOLO11n shapes model (of --task) end to end on freshly generated images.
 
     stdout gets the predictions table and where things were written; progress and notes go to stderr.
     """
+    from cvdeploy.cli.app import fail
     from cvdeploy.cli.predict import results_table
-    from cvdeploy.demo import DEMO_MODEL
+    from cvdeploy.demo import TASK_MODELS
     from cvdeploy.demo.shapes import generate_shapes
     from cvdeploy.predict import Predictor
     from cvdeploy.vision.draw import draw
-    from cvdeploy.vision.image import load_image
+    from cvdeploy.vision.image import image_files, load_image
 
+    if task not in TASK_MODELS:
+        raise fail(f"--task {task!r}: one of {', '.join(TASK_MODELS)}")
+    model = TASK_MODELS[task]
+    suffix = {"detect": "", "segment": "-seg", "pose": "-pose", "obb": "-obb", "classify": "-cls"}[task]
+    name = f"yolo11n-shapes{suffix}"
     t0 = time.perf_counter()
-    data_dir, bundle_dir, pred_dir = out / "data", out / "yolo11n-shapes.cvd", out / "predictions"
+    data_dir, bundle_dir, pred_dir = out / f"data{suffix}", out / f"{name}.cvd", out / f"predictions{suffix}"
     for stale in (data_dir, pred_dir):  # a previous run's images (maybe more, another seed) must not be mixed in
         if stale.exists():
             shutil.rmtree(stale)
     with progress_bar() as progress:
-        task = progress.add_task("generate images", total=n)
-        generate_shapes(data_dir, n_train=0, n_val=n, seed=seed, progress=lambda k: progress.advance(task, k))
-    if not _bundle_is_current(bundle_dir, DEMO_MODEL):
+        bar = progress.add_task("generate images", total=n)
+        generate_shapes(data_dir, n_train=0, n_val=max(n, 6) if task == "classify" else n, seed=seed, task=task,
+                        progress=lambda k: progress.advance(bar, k))
+    if not _bundle_is_current(bundle_dir, model):
         from cvdeploy.build import BUILD_STEPS, build_bundle
 
         with progress_bar() as progress:
-            task = progress.add_task("build demo bundle", total=len(BUILD_STEPS))
-            build_bundle(DEMO_MODEL, bundle_dir, name="yolo11n-shapes", force=bundle_dir.exists(),
-                         on_step=lambda s: progress.update(task, advance=1, description=f"build: {s}"))
+            bar = progress.add_task("build demo bundle", total=len(BUILD_STEPS))
+            build_bundle(model, bundle_dir, name=name, force=bundle_dir.exists(),
+                         on_step=lambda s: progress.update(bar, advance=1, description=f"build: {s}"))
     else:
         err_console.print(f"using the demo bundle in {bundle_dir}", highlight=False, soft_wrap=True)
     predictor = Predictor(bundle_dir)
@@ -51,15 +59,15 @@ def demo(
     rows = []
     import cv2
 
-    files = sorted((data_dir / "images" / "val").iterdir())
+    files = image_files(data_dir / "val" if task == "classify" else data_dir / "images" / "val")[:n]
     with progress_bar(transient=True) as progress:
-        task = progress.add_task("predict", total=len(files))
+        bar = progress.add_task("predict", total=len(files))
         for f in files:
             result = predictor.predict(f)
             cv2.imwrite(str(pred_dir / f.name), draw(load_image(f), result))
             h, w = result.orig_shape
             rows.append((f.name, f"{w}x{h}", result.line(), f"{result.timings.total:.1f}"))
-            progress.advance(task)
+            progress.advance(bar)
     console.print(results_table(rows, title=f"{predictor.bundle.name} · {predictor.variant} · {predictor.engine.provider}"))
     console.print(f"annotated images: {pred_dir.resolve()}", soft_wrap=True)
     console.print(f"bundle: {bundle_dir.resolve()}  (try: cvdeploy info {bundle_dir})", soft_wrap=True)

@@ -59,7 +59,11 @@ def save_path(save: Path, f: Path, used: set[str], suffix: str = ".jpg") -> Path
 
 
 def _line(result: dict[str, Any]) -> str:
-    """'3 circle, 1 star' (by class id) or 'no detections': an image's cell in the table."""
+    """'3 circle, 1 star' (by class id) or 'no detections': an image's cell in the table; a classification's top-1
+    with its probability ('star 0.97')."""
+    if "detections" not in result and result.get("classes"):
+        top = result["classes"][0]
+        return f"{top['class_name']} {top['confidence']:.2f}"
     counts = Counter((d["class_id"], d["class_name"]) for d in result.get("detections") or [])
     return ", ".join(f"{n} {name}" for (_, name), n in sorted(counts.items())) or "no detections"
 
