@@ -35,7 +35,7 @@ def test_a_clean_field_has_no_serious_finding(demo_bundle: Path, sets: tuple[Pat
     doc = json.loads((tmp_path / "d.json").read_text())
     assert doc["serious"] == 0 and {f["step"] for f in doc["findings"]} <= {"environment", "data", "speed"}
     assert doc["steps"] == ["environment", "speed", "data"] and doc["sections"]["speed"]["figures"]["calls"] > 0
-    assert "every variant verifies on this machine" in r.stdout
+    assert "golden parity holds on this machine for onnx-fp32" in r.stdout
 
 
 @pytest.mark.slow
