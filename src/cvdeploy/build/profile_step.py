@@ -19,7 +19,7 @@ import numpy as np
 
 from cvdeploy.bundle.bundle import Bundle, sha256_file
 from cvdeploy.bundle.manifest import ProfileInfo
-from cvdeploy.diagnose.profile import DataProfile, profile_images
+from cvdeploy.diagnose.profile import DataProfile, profile_images, read_profile  # noqa: F401  (read_profile: re-exported)
 from cvdeploy.errors import InputError
 
 PROFILE_FILE = "profile.json"
@@ -68,13 +68,3 @@ def write_profile(
                        source=f"{split} split of {data} ({sampled})")
     bundle.manifest.profile = info
     return info
-
-
-def read_profile(bundle: Bundle | str | os.PathLike[str]) -> DataProfile | None:
-    """The bundle's baseline data profile; None when the bundle was built without a controlled set (then give the
-    doctor a baseline). Its sha256 is checked by `Bundle.load` with every other file of the bundle."""
-    b = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    info = b.manifest.profile
-    if info is None or b.root is None:
-        return None
-    return DataProfile.load(b.root / info.file)

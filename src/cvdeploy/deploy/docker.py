@@ -153,7 +153,10 @@ def build_wheel(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cvdeploy-wheel-") as tmp:
         copy = Path(tmp) / "src-tree"
-        ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", ".*")
+        junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".*")
+
+        def ignore(folder: str, names: list[str]) -> set[str]:  # a build/ output at the top, never cvdeploy/build
+            return set(junk(folder, names)) | ({"build"} if Path(folder) == root / "src" else set())
         copy.mkdir()
         for name in ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py", "MANIFEST.in"):
             if (root / name).is_file():

@@ -187,7 +187,7 @@ def baseline_profile(bundle: Path, predictor: Any, baseline: Path | None, data: 
         return DataProfile.load(baseline), f"the profile {baseline}"
     if baseline is not None:
         return profile_images(_images(baseline), predictor), f"the images of {baseline}"
-    from cvdeploy.build.profile_step import read_profile
+    from cvdeploy.diagnose.profile import read_profile
 
     stored = read_profile(bundle)
     if stored is not None:

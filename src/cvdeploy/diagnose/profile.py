@@ -28,6 +28,7 @@ from cvdeploy.errors import InputError
 from cvdeploy.vision.image import IMAGE_SUFFIXES, ImageSource, image_files, image_format, load_image
 
 if TYPE_CHECKING:
+    from cvdeploy.bundle.bundle import Bundle
     from cvdeploy.predict import Predictor
     from cvdeploy.vision.result import Result
 
@@ -42,6 +43,7 @@ __all__ = [
     "image_statistics",
     "jpeg_quality",
     "profile_images",
+    "read_profile",
 ]
 
 PROFILE_VERSION = 1
@@ -727,3 +729,14 @@ def _settings_findings(baseline: DataProfile, field: DataProfile) -> list[Drift]
                   f"the profiles were predicted with different settings ({', '.join(diff)}): prediction statistics may differ for that reason",
                   None, baseline.images, field.images)]  # fmt: skip
 
+
+def read_profile(bundle: Bundle | str | os.PathLike[str]) -> DataProfile | None:
+    """The bundle's baseline data profile; None when the bundle was built without a controlled set (then give the
+    doctor a baseline). Its sha256 is checked by `Bundle.load` with every other file of the bundle."""
+    from cvdeploy.bundle.bundle import Bundle as _Bundle
+
+    b = bundle if isinstance(bundle, _Bundle) else _Bundle.load(bundle)
+    info = b.manifest.profile
+    if info is None or b.root is None:
+        return None
+    return DataProfile.load(b.root / info.file)
