@@ -74,6 +74,19 @@ def serve(
                                             "[default: thumbnail]."),
     log_io_max_mb: float | None = typer.Option(None, min=1.0, help="The I/O log's size bound; the oldest records go first "
                                                "[default: 256]."),
+    registry: str | None = typer.Option(None, help="The model registry of --model (a path or sqlite:/// URL; default "
+                                        "$CVDEPLOY_REGISTRY, else ./cvdeploy-registry)."),
+    model: list[str] = typer.Option(None, "--model", help="Serve a registry alias, NAME@ALIAS (repeatable): the bundle it points "
+                                    "at now, then every version it is moved to (promote, rollback), swapped in without a "
+                                    "restart; polled every registry_poll_s seconds [default: 5]."),
+    canary: str | None = typer.Option(None, help="Start a release of this candidate bundle once the model is loaded: BUNDLE "
+                                      "(with one model served) or MODEL=BUNDLE. See docs/operate.md."),
+    canary_share: float | None = typer.Option(None, min=0.0, max=1.0, help="Share of requests routed (canary) or copied "
+                                              "(shadow) to the candidate [default: 0.1]."),
+    canary_mode: str = typer.Option("canary", help="canary: the candidate answers its share; shadow: it runs on copies "
+                                    "and never answers."),
+    no_drift_monitor: bool = typer.Option(False, "--no-drift-monitor", help="Do not compare live traffic with the bundles' "
+                                          "baseline profiles (CVDEPLOY_SERVE_DRIFT_MONITOR=0)."),
     workers: int = typer.Option(1, min=1, help="Server processes on the one port (SO_REUSEPORT: the kernel spreads connections), "
                                 "each with its own models and engines, the cores split among them: for many-core machines."),
     reuse_port: bool = typer.Option(False, "--reuse-port", hidden=True, help="Bind with SO_REUSEPORT (what --workers gives each worker)."),
@@ -104,7 +117,8 @@ def serve(
         keep_alive_timeout_s=keep_alive_timeout, max_connections=max_connections, max_inflight_bytes=scaled(max_inflight_mb, MiB),
         audit_anchors=str(audit_anchors) if audit_anchors is not None else None, audit_anchor_every_s=audit_anchor_every,
         io_log=str(log_io) if log_io is not None else None, io_log_sample=log_io_sample, io_log_store=log_io_store,
-        io_log_max_bytes=scaled(log_io_max_mb, MiB), public_health=public_health or None, log_probes=log_probes or None)
+        io_log_max_bytes=scaled(log_io_max_mb, MiB), public_health=public_health or None, log_probes=log_probes or None,
+        canary_share=canary_share, drift_monitor=False if no_drift_monitor else None)
     if audit_log is not None:
         from cvdeploy.security.audit import AuditLog
         from cvdeploy.security.protect import load_key
@@ -148,7 +162,15 @@ def serve(
                    batch_wait_timeout_s=settings.max_delay_ms / 1000, num_cpus_per_replica=float(settings.threads or 1),
                    settings=settings)
         return
-    repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings)
+    repo = build_repository([str(b) for b in bundles or []], str(repository) if repository else None, settings,
+                            registry=registry, follow=model or None)
+    if canary is not None:
+        target, sep, candidate = canary.rpartition("=")
+        if not sep and len(repo.sources()) != 1:
+            raise fail(f"--canary BUNDLE needs one served model; with {len(repo.sources())}, give MODEL=BUNDLE")
+        if canary_mode not in ("canary", "shadow"):
+            raise fail(f"--canary-mode {canary_mode!r}: canary or shadow")
+        repo.pending_releases.append({"name": target if sep else repo.sources()[0], "bundle": candidate, "mode": canary_mode})
     repo.preflight()  # a wrong or missing key, a tampered bundle: one line now, not a failed start
     from cvdeploy.logs import server_logs
 
@@ -156,6 +178,8 @@ def serve(
     if workers > 1:
         if audit_log is not None:
             raise fail("--workers > 1 with --audit-log: the audit chain has one writer; run one worker per log, or --workers 1")
+        if canary is not None:
+            raise fail("--workers > 1 with --canary: each worker would judge the candidate on its own share; use --workers 1")
         if log_io is not None:
             raise fail("--workers > 1 with --log-io: one I/O log directory has one writer; run one worker per directory")
         if port == 0:

@@ -56,6 +56,8 @@ def route_permission(method: str, path: str) -> str | None:
         return "infer"
     if path.startswith("/v1/models/") and path.endswith("/predict") and method == "POST":
         return "infer"
+    if path.startswith("/v1/models/") and path.endswith("/stream") and method == "GET":
+        return "infer"  # the WebSocket stream's handshake (serve/routes_stream.py)
     if path.startswith("/v2/models/") and method == "GET":
         return "metadata"
     if path == "/metrics":
@@ -64,6 +66,10 @@ def route_permission(method: str, path: str) -> str | None:
         return "audit"
     if path == "/admin/keys" or path.startswith("/admin/keys/"):
         return "keys"
+    if path.startswith("/admin/models/") and (path.endswith("/canary") or "/canary/" in path):
+        return "model.lifecycle" if method == "POST" else "metrics"  # start, promote, roll back; GET: the status
+    if path in ("/admin/canary", "/admin/drift") and method == "GET":
+        return "metrics"
     if path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect") or (path.startswith("/docs/assets/") and method == "GET"):
         return "docs"  # the pages and the assets they load (served from the package, never from a CDN)
     return None

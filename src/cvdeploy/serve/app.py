@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from cvdeploy import __version__
 from cvdeploy.errors import InputError
-from cvdeploy.serve import docs, health, routes_admin, routes_images, routes_v2
+from cvdeploy.serve import docs, health, routes_admin, routes_images, routes_stream, routes_v2
 from cvdeploy.serve.access import AccessMiddleware
 from cvdeploy.serve.http import install_error_handlers
 from cvdeploy.serve.metrics import ServerMetrics
@@ -85,17 +85,25 @@ def create_app(repository: Repository, *, load_all: bool = True, background: boo
     health.register(app, repo)
     routes_v2.register(app, repo)
     routes_images.register(app, repo)
+    routes_stream.register(app, repo)
     routes_admin.register(app, repo)
     docs.register(app)
     return app
 
 
-def build_repository(sources: list[str], repository_dir: str | None, settings: ServeSettings) -> Repository:
+def build_repository(sources: list[str], repository_dir: str | None, settings: ServeSettings, *, registry: str | None = None,
+                     follow: list[str] | None = None) -> Repository:
+    """The models to serve: bundles, a repository folder, and registry aliases (`follow`: NAME@ALIAS, polled for moves)."""
     repo = Repository(settings, ServerMetrics())
     if repository_dir:
         repo.add_repository(repository_dir)
     for s in sources:
         repo.add_source(s)
+    if follow:
+        from cvdeploy.serve.follow import follow_alias
+
+        for ref in follow:
+            follow_alias(repo, registry, ref)
     if not repo.sources():
         raise InputError("nothing to serve: give bundles or --repository DIR")
     return repo

@@ -60,6 +60,26 @@ class ServerMetrics:
                                   registry=r)
         self.startup = Gauge("cvdeploy_startup_duration_seconds", "Seconds the first load and warm-up of every model took "
                              "(0 while it runs)", registry=r)
+        # Drift against the bundle's baseline profile, and canary releases (cvdeploy.serve.monitor, .canary).
+        self.drift_score = Gauge("cvdeploy_drift_score", "Drift test statistic over its serious threshold, per statistic of "
+                                 "the rolling window (above 1: serious)", (*labels, "statistic"), registry=r)
+        self.drift_alert = Gauge("cvdeploy_drift_alert", "1 while a statistic has been serious for drift_consecutive "
+                                 "evaluations in a row", labels, registry=r)
+        self.drift_work = Counter("cvdeploy_drift_work_seconds_total", "CPU seconds the drift monitor's thread spent on "
+                                  "statistics and comparisons (its cost, off the event loop)", registry=r)
+        self.drift_dropped = Counter("cvdeploy_drift_skipped_requests_total", "Requests not monitored at all because the "
+                                     "monitor's queue was full", registry=r)
+        self.drift_pixels_skipped = Counter("cvdeploy_drift_pixels_skipped_total", "Requests drawn for pixel statistics that "
+                                            "skipped them: the monitor was past its CPU budget (expected under full load)",
+                                            registry=r)
+        self.canary = Gauge("cvdeploy_canary_share", "Share of a model's requests routed (canary) or copied (shadow) to "
+                            "its candidate version, while a release runs", ("model", "candidate", "mode"), registry=r)
+        self.canary_decisions = Counter("cvdeploy_canary_decisions_total", "Candidate versions promoted or rolled back",
+                                        ("model", "decision", "by"), registry=r)
+        self.shadow_dropped = Counter("cvdeploy_shadow_skipped_requests_total", "Requests not copied to a shadow candidate "
+                                      "because its queue was full", ("model",), registry=r)
+        self.shadow_failures = Counter("cvdeploy_shadow_failures_total", "Shadow runs of a candidate that failed (never "
+                                       "seen by clients)", ("model",), registry=r)
 
     def track_readiness(self, ready: Callable[[], bool]) -> None:
         """`cvdeploy_server_ready` is read from `ready` at each scrape, so that it can never disagree with the probe."""

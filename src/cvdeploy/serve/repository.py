@@ -8,11 +8,16 @@ version that was serving keeps serving.
 Each model has a state, which the health routes report: `loading` (its first load and warm-up are running; requests
 for it get 503 with Retry-After), `ready`, `failed` (no version could be loaded; 503 too, with the reason) or
 `unloaded` (known, not served: 404). The server is ready when no model is loading or failed and one at least serves.
+
+Beside the versions it serves, a model may have a candidate (`serve.canary`: canary or shadow release), loaded and warmed
+the same way but reached only through `pick`; promoting it swaps it in exactly as a reload does. Each version has a
+drift monitor (`serve.monitor`), on when its bundle carries a baseline profile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,6 +32,7 @@ from cvdeploy.serve.metrics import ServerMetrics
 from cvdeploy.serve.settings import ServeSettings
 
 LOADING, READY, FAILED, UNLOADED = "loading", "ready", "failed", "unloaded"
+log = logging.getLogger("cvdeploy.serve")
 
 
 @dataclass
@@ -38,6 +44,7 @@ class LoadedModel:
     path: Path
     loaded_at: float = field(default_factory=time.time)
     active: int = 0  # requests holding this version; it is stopped only when they are done
+    monitor: Any = None  # its cvdeploy.serve.monitor.DriftMonitor
 
     def __enter__(self) -> LoadedModel:
         self.active += 1
@@ -68,6 +75,7 @@ class Repository:
         self._sources: dict[str, Path] = {}  # model name -> its repository folder or bundle path
         self._state: dict[str, str] = {}  # model name -> LOADING, READY, FAILED or UNLOADED
         self._error: dict[str, str] = {}  # model name -> why its last load failed
+        self._label: dict[str, str] = {}  # model name -> the version label of a source that is one bundle (default "1")
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
         from cvdeploy.serve.limits import ByteBudget
@@ -75,6 +83,13 @@ class Repository:
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.denials: Any = None  # a DenialAggregator over settings.audit, when there is an audit log
         self.iolog: Any = None  # a cvdeploy.diagnose.iolog.IOLog, with settings.io_log
+        from cvdeploy.serve.canary import Releases
+        from cvdeploy.serve.monitor import MonitorHub
+
+        self.monitors = MonitorHub(settings, metrics)  # drift against each bundle's baseline profile
+        self.releases = Releases(self)  # canary and shadow candidates
+        self.pending_releases: list[dict[str, Any]] = []  # started once their model is first loaded (serve --canary)
+        self.followers: list[Any] = []  # cvdeploy.serve.follow.AliasFollower: started once their model is first loaded
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -100,6 +115,10 @@ class Repository:
         """The names of every model the repository knows (loaded or not)."""
         return sorted(self._sources)
 
+    def source_of(self, name: str) -> tuple[Path, str | None]:
+        """Where `name` is loaded from, and the version label of a source that is one bundle (None: "1")."""
+        return self._sources[name], self._label.get(name)
+
     def versions(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=_version_key)
 
@@ -108,7 +127,7 @@ class Repository:
         out = []
         for name, src in sorted(self._sources.items()):
             loaded = self._models.get(name, {})
-            for v in _discover_versions(src) or ["1"]:
+            for v in _discover_versions(src) or [self._label.get(name, "1")]:
                 row = {"name": name, "version": v, "state": "READY" if v in loaded else
                        "LOADING" if self._state.get(name) == LOADING else "UNAVAILABLE"}
                 if v not in loaded and name in self._error:
@@ -135,8 +154,8 @@ class Repository:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def add_source(self, path: str | os.PathLike[str], name: str | None = None) -> str:
-        """Register a bundle (version 1) or a model folder of version bundles; returns the model name."""
+    def add_source(self, path: str | os.PathLike[str], name: str | None = None, *, version: str | None = None) -> str:
+        """Register a bundle (version `version`, default 1) or a model folder of version bundles; returns the model name."""
         p = Path(path)
         if not p.exists():
             raise InputError(f"model not found: {p}")
@@ -147,6 +166,8 @@ class Repository:
                 raise InputError(f"{p} is neither a bundle nor a model folder of version bundles (<model>/<version>/manifest.json)")
             model_name = name or p.name
         self._sources[model_name] = p
+        if version is not None:
+            self._label[model_name] = version
         self._state.setdefault(model_name, UNLOADED)
         self.metrics.load_failures.labels(model_name)  # a 0 from the start: alerts on its increase see the first failure
         return model_name
@@ -189,9 +210,11 @@ class Repository:
         """(Re)load every version of `name`; the old versions keep serving until the new ones are warm."""
         if name not in self._sources:
             raise NotFoundError(f"model {name!r} is not in the repository (known: {', '.join(sorted(self._sources)) or 'none'})")
+        await self.releases.abandon(name, "the model is being reloaded")
         src = self._sources[name]
         versions = _discover_versions(src)
-        targets = {v: src / v for v in versions} if versions else {"1": src}
+        targets = {v: src / v for v in versions} if versions else {self._label.get(name, "1"): src}
+        first = name not in self._models
         async with self._lock:
             if name not in self._models:
                 self._state[name] = LOADING
@@ -209,21 +232,85 @@ class Repository:
                     if name not in self._models:  # else the version that was serving still serves
                         self._state[name] = FAILED
                 raise
-            old = self._models.get(name, {})
-            self._models[name] = fresh
-            self._state[name] = READY
-            self._error.pop(name, None)
-            for v in fresh:
-                self.metrics.model_state.labels(name, v).set(1)
-            for v, m in old.items():
-                if v not in fresh:
-                    self.metrics.model_state.labels(name, v).set(0)
-                task = asyncio.create_task(_drain_and_stop(m))  # the old version finishes what it accepted
-                self._draining.add(task)
-                task.add_done_callback(self._draining.discard)
+            self._swap(name, fresh)
+        if first:
+            self._start_pending(name)
         return sorted(fresh, key=_version_key)
 
+    def _swap(self, name: str, fresh: dict[str, LoadedModel]) -> None:
+        """Make `fresh` the versions of `name` at once; the old ones finish what they accepted, then stop."""
+        old = self._models.get(name, {})
+        self._models[name] = fresh
+        self._state[name] = READY
+        self._error.pop(name, None)
+        for v, m in fresh.items():
+            self.metrics.model_state.labels(name, v).set(1)
+            self.monitors.register(m.monitor)
+        for m in old.values():
+            if m not in fresh.values():
+                self.retire(m)
+
+    def retire(self, m: LoadedModel) -> None:
+        """Stop `m` once the requests holding it are done (in the background); its drift monitor goes at once."""
+        self.monitors.retire(m.monitor)
+        if m.version not in self._models.get(m.name, {}):  # a candidate rolled back, a version replaced by another label
+            self.metrics.model_state.labels(m.name, m.version).set(0)
+        task = asyncio.create_task(_drain_and_stop(m))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    # -- candidates (cvdeploy.serve.canary) ------------------------------------------------------
+
+    def next_version(self, name: str) -> str:
+        """A version label for a candidate of `name`: one above its highest numbered version."""
+        numbers = [int(v) for v in (*self.versions(name), *_discover_versions(self._sources.get(name, Path()))) if v.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+    async def open_candidate(self, name: str, version: str, path: Path) -> LoadedModel:
+        """Load and warm `path` as version `version` of `name`, without making it visible (a release routes to it)."""
+        m = await asyncio.to_thread(self._open, name, version, path)
+        try:
+            await self._warm(m)
+        except BaseException:
+            await m.batcher.stop()
+            for p in m.instances:
+                p.close()
+            raise
+        self.monitors.register(m.monitor)
+        self.metrics.model_state.labels(name, version).set(1)
+        return m
+
+    async def promote(self, name: str, m: LoadedModel) -> None:
+        """Serve `m` as the only version of `name` from now on (a reload loads its bundle again); the versions it
+        replaces finish what they accepted."""
+        async with self._lock:
+            self._sources[name] = m.path
+            self._label[name] = m.version
+            self._swap(name, {m.version: m})
+
+    def pick(self, name: str, version: str | None = None, cohort: str | None = None) -> LoadedModel:
+        """The version answering a request: `version` when pinned, else the served one or a release's candidate."""
+        return self.releases.pick(name, version, cohort)
+
+    def _start_pending(self, name: str) -> None:
+        for f in self.followers:
+            if f.model == name and f.task is None:
+                f.start()
+        for spec in [p for p in self.pending_releases if p["name"] == name]:
+            self.pending_releases.remove(spec)
+
+            async def start(spec: dict[str, Any] = spec) -> None:
+                try:
+                    await self.releases.start(**spec)
+                except Exception as e:
+                    log.error("the %s release of %s could not start: %s", spec.get("mode", "canary"), name, e, extra={"model": name})
+
+            task = asyncio.create_task(start())
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
     async def unload(self, name: str) -> None:
+        await self.releases.abandon(name, "the model is being unloaded")
         async with self._lock:
             old = self._models.pop(name, None)
             if old is None:
@@ -234,14 +321,19 @@ class Repository:
             self._state[name] = UNLOADED
             for v, m in old.items():
                 self.metrics.model_state.labels(name, v).set(0)
+                self.monitors.retire(m.monitor)
                 await _drain_and_stop(m)
 
     async def close(self) -> None:
-        """Graceful shutdown: every model drains the requests it accepted, then stops."""
+        """Graceful shutdown: followers stop, releases end, every model drains the requests it accepted, then stops."""
+        for f in self.followers:
+            await f.stop()
+        await self.releases.close()
         for name in list(self._models):
             await self.unload(name)
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
+        await asyncio.to_thread(self.monitors.close)
 
     def _open(self, name: str, version: str, path: Path) -> LoadedModel:
         from cvdeploy.predict import Predictor
@@ -273,7 +365,7 @@ class Repository:
                 p.engine.shrink_arena_above = native
         batcher = DynamicBatcher([p.infer_all for p in predictors], max_batch=s.max_batch, max_delay_ms=s.max_delay_ms,
                                  max_queue=s.max_queue, on_batch=on_batch, max_batch_elements=native)
-        return LoadedModel(name, version, predictors, batcher, path)
+        return LoadedModel(name, version, predictors, batcher, path, monitor=self.monitors.open(name, version, predictors[0]))
 
     async def _warm(self, m: LoadedModel) -> None:
         """First calls allocate and pick kernels: pay for them, on every instance, before the model is visible."""

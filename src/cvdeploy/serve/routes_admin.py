@@ -1,13 +1,15 @@
-"""Administration routes (authentication on, admin role, fresh TOTP: audit tail, API keys) and Prometheus metrics."""
+"""Administration routes: audit tail and API keys (authentication on, admin role, fresh TOTP), canary and shadow releases
+(start, status, promote, rollback: `model.lifecycle`, audited), the drift report, and Prometheus metrics."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from cvdeploy.errors import InputError, NotFoundError
+from cvdeploy.errors import CvdeployError, InputError, NotFoundError
 from cvdeploy.serve.access import audit
 from cvdeploy.serve.http import read_body
 from cvdeploy.serve.protocol import load_json
@@ -49,6 +51,8 @@ def register(app: FastAPI, repo: Repository) -> None:
         audit(repo, request, "revoke_key", "success", key_id)
         return Response(status_code=200)
 
+    register_releases(app, repo)
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -58,3 +62,84 @@ def register(app: FastAPI, repo: Repository) -> None:
                 repo.metrics.queue_depth.labels(n, v).set(repo.get(n, v).batcher.depth)
         return Response(repo.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+
+
+def _who(request: Request) -> str | None:
+    principal = getattr(request.state, "principal", None)
+    return principal.name if principal is not None else None
+
+
+async def _json_body(repo: Repository, request: Request, *, required: bool) -> dict[str, Any]:
+    body = await read_body(request, 64 * 1024, timeout=repo.settings.body_timeout_s)
+    if not body.strip() and not required:
+        return {}
+    doc = load_json(body, "the body")
+    if not isinstance(doc, dict):
+        raise InputError("expected a JSON object")
+    return doc
+
+
+def register_releases(app: FastAPI, repo: Repository) -> None:
+    """Canary and shadow releases (`serve.canary`) and the drift report (`serve.monitor`)."""
+
+    @app.get("/admin/drift")
+    async def drift(model: str | None = None, sync: bool = False) -> dict:
+        """Each served version's rolling window against its bundle's baseline profile (`sync`: queued requests first)."""
+        if model is not None and model not in repo.sources():
+            raise NotFoundError(f"model {model!r} is not in the repository (known: {', '.join(repo.sources()) or 'none'})")
+        if sync:
+            await asyncio.to_thread(repo.monitors.drain)
+        return {"enabled": repo.settings.drift_monitor, "consecutive": repo.settings.drift_consecutive,
+                "window": repo.settings.drift_window, "models": repo.monitors.report(model)}
+
+    @app.get("/admin/canary")
+    async def releases() -> list:
+        return repo.releases.status()
+
+    @app.get("/admin/models/{name}/canary")
+    async def release_status(name: str) -> dict:
+        found = repo.releases.status(name)
+        if not found:
+            raise NotFoundError(f"model {name!r} has had no canary or shadow release on this server")
+        return found[0]
+
+    @app.post("/admin/models/{name}/canary")
+    async def start_release(name: str, request: Request) -> dict:
+        doc = await _json_body(repo, request, required=True)
+        unknown = set(doc) - {"bundle", "share", "mode", "version"}
+        bundle, version = doc.get("bundle"), doc.get("version")
+        if unknown or not isinstance(bundle, str) or not isinstance(version, str | None) or not isinstance(doc.get("mode", ""), str):
+            raise InputError('expected JSON {"bundle": "PATH", "share": 0.1, "mode": "canary" or "shadow", "version": "2"} '
+                             "(share, mode and version optional)")
+        resource = f"{name} <- {bundle}"
+        try:
+            status = await repo.releases.start(name, bundle, mode=doc.get("mode", "canary"), share=doc.get("share"),
+                                               version=version, by=_who(request))
+        except CvdeployError as e:
+            audit(repo, request, "canary_start", "failure", resource, details=str(e)[:300])
+            raise
+        audit(repo, request, "canary_start", "success", resource,
+              details=f"{status['mode']} version {status['candidate']['version']} share {status['share']}")
+        return status
+
+    async def decide(name: str, request: Request, action: str) -> dict:
+        doc = await _json_body(repo, request, required=False)
+        reason = doc.get("reason", "")
+        if not isinstance(reason, str):
+            raise InputError('expected JSON {"reason": "..."} or no body')
+        call = repo.releases.promote if action == "promote" else repo.releases.rollback
+        try:
+            status = await call(name, by=_who(request) or "admin", reason=reason[:500] or f"{action} by an admin call")
+        except CvdeployError as e:
+            audit(repo, request, f"canary_{action}", "failure", name, details=str(e)[:300])
+            raise
+        audit(repo, request, f"canary_{action}", "success", f"{name}@{status['candidate']['version']}", details=reason[:300] or None)
+        return status
+
+    @app.post("/admin/models/{name}/canary/promote")
+    async def promote(name: str, request: Request) -> dict:
+        return await decide(name, request, "promote")
+
+    @app.post("/admin/models/{name}/canary/rollback")
+    async def rollback(name: str, request: Request) -> dict:
+        return await decide(name, request, "rollback")

@@ -23,7 +23,7 @@ def register(app: FastAPI, repo: Repository) -> None:
     async def predict(name: str, request: Request) -> dict:
         # The query is read by hand: FastAPI's per-request parameter analysis cost ~1.7 ms of event-loop CPU here.
         q = predict_query(request)
-        m = repo.get(name, q["version"])
+        m = repo.pick(name, q["version"], request.headers.get("x-cvdeploy-cohort"))  # a canary release may answer
         async with inference_scope(repo, m, request, "images") as record:
             options = request_options(m, q["conf"], q["iou"], q["max_det"], q["classes"])
             annotate = q["annotate"]

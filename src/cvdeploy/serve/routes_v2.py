@@ -13,7 +13,7 @@ from cvdeploy import __version__
 from cvdeploy.errors import CvdeployError, InputError, NotFoundError
 from cvdeploy.serve.access import audit, inference_scope
 from cvdeploy.serve.http import read_body
-from cvdeploy.serve.pipeline import detect_images, run_model
+from cvdeploy.serve.pipeline import detect_images, infer_tensor
 from cvdeploy.serve.protocol import HEADER, decompress, encode_response, parse_request
 from cvdeploy.serve.repository import LoadedModel, Repository
 
@@ -81,7 +81,7 @@ def register(app: FastAPI, repo: Repository) -> None:
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
-        m = repo.get(name, version)
+        m = repo.pick(name, version, request.headers.get("x-cvdeploy-cohort"))  # a canary release may answer
         async with inference_scope(repo, m, request, "v2") as record:
             limit = repo.settings.max_body_bytes
             with m.batcher.expect(1):  # a batch forming meanwhile may wait for this one
@@ -124,7 +124,7 @@ def register(app: FastAPI, repo: Repository) -> None:
         tensor = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(tensor).all():
             raise InputError(f"input {name!r} holds inf or NaN")
-        return (await run_model(m, tensor, repo.settings.request_timeout_s)).outputs
+        return await infer_tensor(repo, m, tensor)
 
     @app.post("/v2/repository/index")
     async def repository_index() -> list:

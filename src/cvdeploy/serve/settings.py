@@ -45,6 +45,12 @@ class ServeSettings(BaseModel):
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
     max_connections: int = Field(1000, ge=1, description="connections beyond are closed at once")
     max_inflight_bytes: int = Field(512 * MiB, ge=1, description="weighted request bytes held at once (503 beyond)")
+    # WebSocket streams (cvdeploy.serve.routes_stream, docs/streaming.md)
+    stream_max_in_flight: int = Field(4, ge=1, le=256, description="frames a stream holds at once (received, not yet answered)")
+    stream_policy: str = Field("block", pattern="^(block|drop-oldest)$", description="a stream's default when its frames in "
+                               "flight are at the limit: block (stop reading: TCP backpressure) or drop-oldest")
+    stream_max_connections: int = Field(64, ge=1, description="open streams at once; beyond, a new one is refused (1013)")
+    stream_idle_timeout_s: float = Field(60.0, gt=0, description="a stream with nothing in flight is closed after this long without a message")
     # audit (the log itself is a runtime object)
     audit_sample: float = Field(1.0, ge=0, le=1, description="share of inference requests recorded")
     audit_anchors: str | None = None
@@ -58,6 +64,33 @@ class ServeSettings(BaseModel):
     public_health: bool = Field(False, description="/v2/health/live and /v2/health/ready answer without credentials "
                                 "(Kubernetes probes); every other route stays authenticated")
     log_probes: bool = Field(False, description="health probes and /metrics scrapes appear in the access log too")
+    # live drift monitoring against each bundle's profile.json (cvdeploy.serve.monitor, docs/operate.md)
+    drift_monitor: bool = Field(True, description="keep rolling input and prediction statistics per model version and "
+                                "compare them with the bundle's baseline profile")
+    drift_window: int = Field(200, ge=10, description="requests in the rolling window compared with the baseline")
+    drift_sample: float = Field(0.1, ge=0, le=1, description="share of requests whose pixel statistics (brightness, "
+                                "contrast, sharpness...) are computed; sizes, format and predictions are read from all")
+    drift_cpu_budget: float = Field(0.05, gt=0, le=1, description="share of the time the monitor's thread may be busy (its "
+                                    "wall time: it grows when cores are scarce); past it, drawn requests skip their pixel "
+                                    "statistics (sizes and predictions are always read)")
+    drift_every: int = Field(50, ge=1, description="new requests between two evaluations of the window")
+    drift_min_requests: int = Field(50, ge=5, description="requests in the window before it is first evaluated")
+    drift_consecutive: int = Field(2, ge=1, description="evaluations in a row a statistic must be serious to raise the alert")
+    drift_queue: int = Field(512, ge=1, description="requests waiting for the monitor's thread; beyond, they are not monitored")
+    # canary and shadow releases (cvdeploy.serve.canary, docs/operate.md)
+    canary_share: float = Field(0.1, ge=0, le=1, description="share of requests routed (canary) or copied (shadow) to a candidate")
+    canary_window: int = Field(200, ge=10, description="candidate requests observed before an automatic promotion")
+    canary_min_requests: int = Field(50, ge=5, description="requests on each side before the candidate is judged at all")
+    canary_every: int = Field(10, ge=1, description="candidate requests between two judgements")
+    canary_consecutive: int = Field(2, ge=1, description="judgements in a row a prediction statistic must be serious to roll back")
+    canary_max_error_increase: float = Field(0.01, ge=0, le=1, description="candidate error rate above the incumbent's by "
+                                             "more than this: roll back")
+    canary_max_latency_ratio: float = Field(1.5, gt=0, description="candidate median latency above this many times the "
+                                            "incumbent's: roll back")
+    canary_auto: bool = Field(True, description="promote and roll back on the thresholds; False: only report, decide by "
+                              "the admin routes")
+    shadow_queue: int = Field(64, ge=1, description="requests waiting to be replayed on a shadow candidate; beyond, not copied")
+    registry_poll_s: float = Field(5.0, gt=0, description="serve --registry: seconds between two reads of the followed alias")
     # runtime objects, set by the caller
     audit: Any = Field(None, exclude=True)  # a cvdeploy.security.audit.AuditLog
     auth: Any = Field(None, exclude=True)  # a cvdeploy.security.auth.AuthPolicy (None: no authentication, keep to loopback)
