@@ -73,3 +73,22 @@ def test_bad_requests_are_one_line(demo_bundle: Path, tmp_path: Path) -> None:
                           ((str(demo_bundle), "--predictions", str(demo_bundle / "manifest.json")), "needs --field")):
         r = doctor(*args)
         assert r.returncode == 1 and r.stderr.strip().startswith("error:") and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predict_log_io_feeds_the_doctor(demo_bundle: Path, sets: tuple[Path, Path], tmp_path: Path) -> None:
+    """`predict --log-io` records what it saw and answered; `doctor --io-log` reads it back as the field."""
+    base, field = sets
+    dark = tmp_path / "dark"
+    dark.mkdir()
+    for p in sorted(field.glob("*.jpg")):
+        cv2.imwrite(str(dark / p.name), cv2.convertScaleAbs(cv2.imread(str(p)), alpha=0.45))
+    log = tmp_path / "iolog"
+    r = subprocess.run([sys.executable, "-m", "cvdeploy", "predict", str(demo_bundle), str(dark), "--log-io", str(log),
+                        "--log-io-sample", "1", "--log-io-store", "image"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for f in sorted(log.glob("records-*.jsonl")) for line in f.read_text().splitlines()]
+    assert len(records) == len(list(dark.glob("*.jpg"))) and all(rec["meta"]["source"].startswith(str(dark)) for rec in records)
+    r = doctor(str(demo_bundle), "--io-log", str(log), "--baseline", str(base), "--no-speed", "--json", "-")
+    assert r.returncode == 1, r.stderr
+    top = json.loads(r.stdout)["findings"][0]
+    assert (top["severity"], top["step"]) == ("serious", "data") and "darker" in top["message"]

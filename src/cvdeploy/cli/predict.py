@@ -215,6 +215,17 @@ class Run:
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
     used: set[str] = field(default_factory=set)
+    iolog: Any = None  # cvdeploy.diagnose.iolog.IOLog with --log-io
+
+    def log_io(self, frame: Any, result: Any) -> None:
+        """Offer one answer to the I/O log (sampled, or kept for an anomaly); the file's own bytes when it is one."""
+        if self.iolog is None:
+            return
+        data = None
+        if self.iolog.store == "image" and "://" not in frame.name and Path(frame.name).is_file():
+            data = Path(frame.name).read_bytes()
+        self.iolog.record(model=f"{self.predictor.bundle.name}:{self.predictor.variant}", image=frame.image, data=data,
+                          result=result, meta={"source": frame.name})
 
     def images(self, specs: list[SourceSpec], single: bool) -> None:
         """Still image files, in order, one row each; an unreadable one is reported and skipped unless it is the only
@@ -236,6 +247,7 @@ class Run:
                     progress.advance(task)
 
     def _image_result(self, frame: Any, result: Any) -> None:
+        self.log_io(frame, result)
         d = result.to_dict()
         self.json.add(d)
         self.tally.add(d, frame=False)
@@ -285,6 +297,7 @@ class Run:
                 for frame, result in predict_frames(self.predictor, source, batch=self.batch, **self.overrides):
                     annotated = draw(frame.image, result) if sink is not None else None
                     with self.interrupts.held():
+                        self.log_io(frame, result)
                         d = result.to_dict()
                         self.json.add(d)
                         self.tally.add(d, frame=True)
@@ -352,6 +365,12 @@ def predict(
                                  "instead of a table."),
     key_file: Path | None = typer.Option(None, "--key-file", help="The model key of a protected bundle (else "
                                          "$CVDEPLOY_MODEL_KEY_FILE, $CVDEPLOY_MODEL_KEY or $CVDEPLOY_MODEL_KEY_COMMAND)."),
+    log_io: Path | None = typer.Option(None, "--log-io", help="Record sampled inputs and answers in this directory, for "
+                                       "`cvdeploy doctor --io-log` (see docs/io-log.md)."),
+    log_io_sample: float = typer.Option(0.05, "--log-io-sample", min=0.0, max=1.0, help="Share of images or frames "
+                                        "recorded; NaN outputs and black or saturated inputs are always recorded."),
+    log_io_store: str = typer.Option("thumbnail", "--log-io-store", help="What is kept of a recorded input: image "
+                                     "(the file's bytes), thumbnail or hash."),
 ) -> None:
     """Detect objects in images, videos and streams; print a table and a summary line (or JSON) and optionally save
     annotated images and videos.
@@ -377,10 +396,18 @@ def predict(
         save.mkdir(parents=True, exist_ok=True)
     run = Run(predictor, save, JsonList(as_json), batch, overrides={},
               source_options=dict(vid_stride=vid_stride, buffer=batch, reconnect=reconnect, timeout=timeout))
+    if log_io is not None:
+        from cvdeploy.diagnose.iolog import IOLog
+
+        run.iolog = IOLog(log_io, sample=log_io_sample, store=log_io_store)
     single = len(specs) == 1
     t0 = time.perf_counter()
-    with run.interrupts.installed():
-        interrupted = _run_all(run, specs, single)
+    try:
+        with run.interrupts.installed():
+            interrupted = _run_all(run, specs, single)
+    finally:
+        if run.iolog is not None:
+            run.iolog.close()  # every queued record written before the command ends
     _report(run, predictor, time.perf_counter() - t0, interrupted)
 
 
