@@ -217,7 +217,7 @@ def test_client_predict_takes_directories_and_several_paths(auth_server, keys: d
     assert f"5 of 5 image(s) predicted by {MODEL}" in p.stderr  # the summary; stdout holds only the JSON
     assert len(list((tmp_path / "ann").glob("*.jpg"))) == 5
 
-    table = run("client", "predict", auth_server.url, d, extra, *key)
+    table = run("client", "predict", auth_server.url, d, extra, *key, env={"COLUMNS": "400"})  # long tmp paths stay whole
     assert table.returncode == 0, table.stderr
     assert all(str(f) in table.stdout for f in expected_order)
     assert table.stdout.strip().splitlines()[-1].startswith(f"5 of 5 image(s) predicted by {MODEL}, ")
