@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from tests.serve.conftest import Running, start_server, stop_server
 from tests.serve.test_drift_monitor import scenes
@@ -26,7 +27,6 @@ WINDOW, MIN, EVERY = 60, 30, 10
 def scaled_scores(src: Path, out: Path, factor: float) -> Path:
     """A copy of bundle `src` whose ONNX variant multiplies every class score by `factor` (boxes untouched), re-hashed
     through the bundle API so that it loads like any bundle: a model that finds fewer objects, less confidently."""
-    import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
@@ -48,6 +48,36 @@ def scaled_scores(src: Path, out: Path, factor: float) -> Path:
     b.manifest.variants["onnx-fp32"].sha256 = sha256_file(path)
     b.save_manifest()
     Bundle.load(out)  # every hash holds again
+    return out
+
+
+def failing_engine(src: Path, out: Path) -> Path:
+    """A copy of bundle `src` whose ONNX graph reshapes its output through rows of the square input's size and back:
+    the identity at the model's own (square) size, where the warm-up runs, and an engine error at any other input
+    size (the minimal-padding rectangles of non-square images)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from cvdeploy.bundle.bundle import Bundle, sha256_file
+
+    shutil.copytree(src, out)
+    b = Bundle.load(out, check_hashes=False)
+    path = b.variant_path("onnx-fp32")
+    model = onnx.load(path)
+    (output,) = model.graph.output
+    channels = output.type.tensor_type.shape.dim[1].dim_value
+    h, w = b.manifest.preprocess.imgsz
+    anchors = sum((h // s) * (w // s) for s in (8, 16, 32))
+    raw = f"{output.name}_raw"
+    for node in model.graph.node:
+        node.output[:] = [raw if o == output.name else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, channels * anchors], np.int64), "square_rows"))
+    model.graph.node.extend([helper.make_node("Reshape", [raw, "square_rows"], ["square"]),
+                             helper.make_node("Shape", [raw], ["raw_shape"]),
+                             helper.make_node("Reshape", ["square", "raw_shape"], [output.name])])
+    onnx.save(model, path)
+    b.manifest.variants["onnx-fp32"].sha256 = sha256_file(path)
+    b.save_manifest()
     return out
 
 
@@ -127,6 +157,16 @@ def test_a_worse_candidate_is_rolled_back_within_the_window_with_no_failed_reque
 def status_or_none(r: Running) -> dict | None:
     got = httpx.get(r.url + CANARY, timeout=30)
     return got.json() if got.status_code == 200 else None
+
+
+def test_a_candidate_whose_engine_fails_costs_no_client_its_answer_and_is_rolled_back(
+        server: Running, demo_bundle: Path, images, tmp_path: Path) -> None:
+    start(server, failing_engine(demo_bundle, tmp_path / "failing.cvd"), share=0.5)
+    answers = blast(server.url, images * 4, stop=lambda: status(server)["status"] != "running")
+    assert [a for a in answers if a[0] != 200] == []  # the incumbent answered what the candidate failed
+    after = status(server)
+    assert (after["status"], after["decided_by"]) == ("rolled_back", "auto") and "error rate" in after["reason"], after["reason"]
+    assert after["candidate"]["failures"] >= MIN // 2 and after["incumbent"]["failures"] == 0
 
 
 def test_shadow_mode_answers_only_with_the_incumbent_and_rolls_a_worse_candidate_back(server: Running, candidates, images) -> None:
@@ -255,3 +295,33 @@ def test_serving_a_registry_alias_follows_its_promotions_and_rollbacks_without_l
         stop_server(r)
     assert len(answers) >= 48 and [a for a in answers if a[0] != 200] == []
     assert {v for _, v in answers} == {"1", "2"}
+
+
+def test_speed_is_compared_at_equal_batch_sizes() -> None:
+    """A side with more traffic runs fuller batches and reads faster per image: an equal candidate on a small share must
+    not read slower, and a slower one must."""
+    from cvdeploy.serve.canary import Arm, speed_ratio
+    from cvdeploy.serve.monitor import Sample
+
+    incumbent, equal, slower = Arm(200), Arm(200), Arm(200)
+    for i in range(60):  # most incumbent requests in batches of 8 (1 ms an image), some alone (3 ms)
+        incumbent.ok(0.02, Sample(), 8 if i % 4 else 1, 0.001 if i % 4 else 0.003)
+    for _ in range(20):  # the candidate's few requests run alone
+        equal.ok(0.01, Sample(), 1, 0.003)
+        slower.ok(0.01, Sample(), 1, 0.006)
+    assert speed_ratio(incumbent, equal) == pytest.approx(1.0)
+    assert speed_ratio(incumbent, slower) == pytest.approx(2.0)
+    assert speed_ratio(Arm(10), equal) is None  # no batch size in common: not judged on speed
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "shapes"], "error: --model takes NAME@ALIAS (e.g. shapes@production), got 'shapes'"),
+    (["{bundle}", "--canary", "{bundle}", "--workers", "2", "--port", "1"], "error: --workers > 1 with --canary: each worker"),
+])
+def test_the_cli_refuses_bad_release_options_in_one_line(demo_bundle: Path, args: list[str], message: str) -> None:
+    import subprocess
+    import sys
+
+    argv = [a.format(bundle=demo_bundle) for a in args]
+    p = subprocess.run([sys.executable, "-m", "cvdeploy", "serve", *argv], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.strip().startswith(message), p.stderr

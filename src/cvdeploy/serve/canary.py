@@ -54,15 +54,17 @@ class Arm:
 
     def __init__(self, window: int) -> None:
         self.failed: deque[bool] = deque(maxlen=window)
-        self.latency: deque[float] = deque(maxlen=window)
+        self.latency: deque[float] = deque(maxlen=window)  # a request's time from its letterbox to its boxes
+        self.per_image: deque[tuple[int, float]] = deque(maxlen=window)  # (batch rows, model time per image)
         self.samples: deque[Sample] = deque(maxlen=window)
         self.requests = 0
         self.failures = 0
 
-    def ok(self, latency_s: float, sample: Sample) -> None:
+    def ok(self, latency_s: float, sample: Sample, rows: int = 1, per_image_s: float | None = None) -> None:
         self.requests += 1
         self.failed.append(False)
         self.latency.append(latency_s)
+        self.per_image.append((rows, latency_s if per_image_s is None else per_image_s))
         self.samples.append(sample)
 
     def fail(self) -> None:
@@ -74,8 +76,19 @@ class Arm:
     def error_rate(self) -> float:
         return sum(self.failed) / len(self.failed) if self.failed else 0.0
 
-    def median_ms(self) -> float | None:
-        return float(np.median(self.latency)) * 1000 if self.latency else None
+    def copy(self) -> Arm:
+        """A snapshot to judge in another thread while the event loop keeps appending to this one."""
+        out = Arm(self.failed.maxlen or 1)
+        out.failed, out.latency, out.per_image, out.samples = (deque(d, d.maxlen) for d in (self.failed, self.latency,
+                                                                                              self.per_image, self.samples))
+        out.requests, out.failures = self.requests, self.failures
+        return out
+
+    def by_batch(self) -> dict[int, list[float]]:
+        out: dict[int, list[float]] = {}
+        for rows, t in self.per_image:
+            out.setdefault(rows, []).append(t)
+        return out
 
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latency) * 1000
@@ -111,19 +124,20 @@ class Release:
     def arm_of(self, m: LoadedModel) -> Arm | None:
         return self.arms["candidate"] if m is self.candidate else self.arms["incumbent"] if m is self.incumbent else None
 
-    def judge(self) -> dict[str, Any]:
-        """The verdict now: "rollback" (with reasons), "promote" or "pending" (CPU work: run it off the event loop)."""
+    def judge(self, inc: Arm, cand: Arm) -> dict[str, Any]:
+        """The verdict on snapshots of the two arms: "rollback" (with reasons), "promote" or "pending" (CPU work: run it
+        off the event loop, one at a time)."""
         s = self.repo.settings
-        inc, cand = self.arms["incumbent"], self.arms["candidate"]
         if min(len(inc.failed), len(cand.failed)) < s.canary_min_requests:
             need = f"{s.canary_min_requests} requests a side (incumbent {len(inc.failed)}, candidate {len(cand.failed)})"
             return {"verdict": "pending", "reasons": [f"waiting for {need}"], "findings": []}
         reasons: list[str] = []
         if cand.error_rate > inc.error_rate + s.canary_max_error_increase:
             reasons.append(f"error rate {cand.error_rate:.1%} vs {inc.error_rate:.1%} (allowed: +{s.canary_max_error_increase:.1%})")
-        mi, mc = inc.median_ms(), cand.median_ms()
-        if mi is not None and mc is not None and mc > s.canary_max_latency_ratio * mi:
-            reasons.append(f"median latency {mc:.1f} ms vs {mi:.1f} ms (allowed: x{s.canary_max_latency_ratio:g})")
+        ratio = speed_ratio(inc, cand)
+        if ratio is not None and ratio > s.canary_max_latency_ratio:
+            reasons.append(f"model time per image at equal batch sizes x{ratio:.2f} the incumbent's "
+                           f"(allowed: x{s.canary_max_latency_ratio:g})")
         findings = tested(_compare(list(inc.samples), list(cand.samples), _model_info(self.incumbent),
                                    _model_info(self.candidate)), PREDICTION_STATISTICS)
         for d in findings:
@@ -133,7 +147,8 @@ class Release:
         verdict = "rollback" if reasons else "promote" if cand.requests >= s.canary_window else "pending"
         if verdict == "pending":
             reasons.append(f"{cand.requests} of {s.canary_window} candidate requests observed, no threshold crossed")
-        return {"verdict": verdict, "reasons": reasons, "findings": [d.to_dict() for d in findings]}
+        return {"verdict": verdict, "reasons": reasons, "speed_ratio": None if ratio is None else round(ratio, 3),
+                "findings": [d.to_dict() for d in findings]}
 
     def status_dict(self) -> dict[str, Any]:
         return {"model": self.name, "mode": self.mode, "share": self.share, "status": self.status, "started": self.started,
@@ -142,6 +157,27 @@ class Release:
                 "candidate": {"version": self.candidate.version, "bundle": str(self.candidate.path), **self.arms["candidate"].summary()},
                 "judgement": self.judgement, "reason": self.reason, "decided_by": self.decided_by, "decided_at": self.decided_at,
                 **({"shadow": {"copied": self.shadowed, "skipped_queue_full": self.skipped}} if self.mode == "shadow" else {})}
+
+
+def speed_ratio(inc: Arm, cand: Arm, min_n: int = 5) -> float | None:
+    """The candidate's model time per image over the incumbent's, compared at equal batch sizes (the median ratio over
+    the sizes both sides have `min_n` samples of, weighted by those counts); None without such a size.
+
+    Why not the request latency: it depends on the traffic share. A side with more requests forms fuller batches: its
+    requests wait longer and run in longer batches, and its time per image is lower. An equal candidate at 30 % of the
+    traffic read 2.6 times faster than the incumbent by request latency in the docs' session."""
+    a, b = inc.by_batch(), cand.by_batch()
+    pairs = [(float(np.median(b[r]) / np.median(a[r])), min(len(a[r]), len(b[r]))) for r in set(a) & set(b)
+             if min(len(a[r]), len(b[r])) >= min_n and np.median(a[r]) > 0]
+    if not pairs:
+        return None
+    pairs.sort()
+    half, acc = sum(w for _, w in pairs) / 2, 0
+    for ratio, w in pairs:
+        acc += w
+        if acc >= half:
+            return ratio
+    return pairs[-1][0]
 
 
 def _compare(inc: list[Sample], cand: list[Sample], mi: dict[str, Any], mc: dict[str, Any]) -> list[Any]:
@@ -178,18 +214,27 @@ class Releases:
         return self.repo.get(name)
 
     def fallback(self, m: LoadedModel) -> LoadedModel | None:
-        """The incumbent, when `m` is a canary candidate: it answers a request the candidate failed."""
-        r = self.active.get(m.name)
-        return r.incumbent if r is not None and r.candidate is m and r.mode == "canary" else None
+        """The version serving `m`'s model when `m` is a canary candidate (still on trial, or just decided while the
+        request was in flight) and not serving itself: it answers a request the candidate failed."""
+        r = self.active.get(m.name) or self.done.get(m.name)
+        if r is None or r.candidate is not m or r.mode != "canary":
+            return None
+        try:
+            current = self.repo.get(m.name)
+        except CvdeployError:
+            return None
+        return None if current is m else current
 
     # -- observations (on the event loop) --------------------------------------------------------
 
-    def observe(self, m: LoadedModel, latency_s: float, result: Any) -> None:
+    def observe(self, m: LoadedModel, latency_s: float, result: Any, rows: int = 1, per_image_s: float | None = None) -> None:
+        """A request `m` answered: its time from letterbox to boxes, its prediction, and the model time per image of
+        its batch (`rows` images)."""
         r = self.active.get(m.name)
         arm = r.arm_of(m) if r is not None else None
         if arm is None:
             return
-        arm.ok(latency_s, prediction_sample(result))
+        arm.ok(latency_s, prediction_sample(result), rows, per_image_s)
         self._maybe_judge(r, arm)  # type: ignore[arg-type]
 
     def fail(self, m: LoadedModel) -> None:
@@ -221,7 +266,8 @@ class Releases:
 
     async def _judge(self, r: Release) -> None:
         try:
-            verdict = await asyncio.to_thread(r.judge)
+            arms = r.arms["incumbent"].copy(), r.arms["candidate"].copy()  # on the loop: nothing appends meanwhile
+            verdict = await asyncio.to_thread(r.judge, *arms)
             if r.status != RUNNING:
                 return
             r.judgement = verdict
@@ -346,8 +392,11 @@ class Releases:
                     t0 = time.perf_counter()
                     prepared = await asyncio.to_thread(p.prepare, [image])
                     served = await run_model(cand, prepared.tensor, self.repo.settings.request_timeout_s)
+                    t1 = time.perf_counter()
                     (result,) = p.finish(prepared, served.outputs, options=p.options)
-                    arm.ok(time.perf_counter() - t0, prediction_sample(result))
+                    done = time.perf_counter()
+                    per_image = prepared.ms_per_image / 1000 + served.infer_s / served.batch_rows + (done - t1)
+                    arm.ok(done - t0, prediction_sample(result), served.batch_rows, per_image)
             except ServerBusyError:  # the candidate's queue is full: a skipped copy, not a failure
                 r.skipped += 1
             except Exception:  # a failing candidate is what a shadow release is for: counted, logged, never answered

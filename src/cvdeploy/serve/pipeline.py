@@ -92,7 +92,8 @@ async def _detect(repo: Repository, m: LoadedModel, blobs: list[bytes], options:
         t = Timings(decode=decode_ms, preprocess=pr.ms_per_image, queue=sv.queue_s * 1000, infer=sv.infer_s * 1000 / sv.batch_rows)
         (r,) = p.finish(pr, sv.outputs, options=options, timings=[t])
         if observed:
-            repo.releases.observe(m, time.perf_counter() - decoded_at, r)  # the model's time: letterbox to boxes
+            repo.releases.observe(m, time.perf_counter() - decoded_at, r, sv.batch_rows,
+                                  (t.preprocess + t.infer + t.postprocess) / 1000)
             repo.releases.shadow(m, img)
             repo.monitors.submit(m.monitor, img, blob, r)
         if repo.iolog is not None:  # sampled: a random draw and a few reductions on the request path, writing elsewhere
