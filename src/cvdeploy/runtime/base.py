@@ -39,6 +39,26 @@ def check_feeds(inputs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> None:
             raise InputError(f"input {name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
 
 
+class EngineBase:
+    """What every engine class shares: the input and output specs it read at load time, and no metadata of its own
+    unless it overrides `metadata`. Subclasses set `_inputs` and `_outputs` in `__init__`."""
+
+    _inputs: list[TensorSpec]
+    _outputs: list[TensorSpec]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A loaded model ready to run; `run` times nothing but the engine call."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.errors import EngineError, InputError, MissingDependencyError, ModelFormatError
-from cvdeploy.runtime.base import TensorSpec, check_feeds
+from cvdeploy.runtime.base import EngineBase, TensorSpec, check_feeds
 
 PARAM, WEIGHTS, METADATA = "model.ncnn.param", "model.ncnn.bin", "metadata.yaml"
 PRECISIONS = ("f32", "f16")
@@ -106,7 +106,7 @@ def _input_hw(layers: list[Any], folder: Path | None, options: NcnnOptions) -> t
                            "beside it): give NcnnOptions(input_hw=(h, w))")
 
 
-class NcnnEngine:
+class NcnnEngine(EngineBase):
     """An NCNN net. Thread-safe: every run makes its own extractor."""
 
     def __init__(self, model: str | os.PathLike[str] | tuple[bytes, bytes], options: NcnnOptions = NcnnOptions()) -> None:
@@ -158,14 +158,6 @@ class NcnnEngine:
         self._fp16_here = fp16 and bool(ncnn.cpu_support_arm_asimdhp())
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
-    @property
     def provider(self) -> str:
         return f"NCNN CPU ({self._net.opt.num_threads} threads)"
 
@@ -174,10 +166,6 @@ class NcnnEngine:
         """f16 only where asked for and the CPU computes it (Arm half-precision arithmetic); f32 elsewhere (an x86 CPU
         turns fp16 weights back into f32 at load)."""
         return "f16" if self._fp16_here else "f32"
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return {}
 
     @property
     def settings(self) -> dict[str, object]:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.errors import EngineError, InputError, MissingDependencyError
-from cvdeploy.runtime.base import TensorSpec, check_feeds
+from cvdeploy.runtime.base import EngineBase, TensorSpec, check_feeds
 
 # Preferred order: the fastest provider present wins unless the caller names its own.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -100,7 +100,7 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, shape, _ORT_DTYPES.get(node.type, node.type))
 
 
-class OrtEngine:
+class OrtEngine(EngineBase):
     """An ONNX Runtime session behind the Engine protocol."""
 
     def __init__(self, model: str | os.PathLike[str] | bytes, options: OrtOptions = OrtOptions()) -> None:
@@ -124,14 +124,6 @@ class OrtEngine:
         self._inputs = [_spec(i) for i in self._session.get_inputs()]
         self._outputs = [_spec(o) for o in self._session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
 
     @property
     def provider(self) -> str:

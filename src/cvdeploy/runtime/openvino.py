@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.errors import EngineError, InputError, MissingDependencyError
-from cvdeploy.runtime.base import TensorSpec, check_feeds
+from cvdeploy.runtime.base import EngineBase, TensorSpec, check_feeds
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 # OpenVINO's CPU plugin computes in bf16 by default on CPUs that have it (AVX512_BF16, AMX): a model
@@ -68,7 +68,7 @@ def read_io(xml: str | os.PathLike[str]) -> tuple[list[TensorSpec], list[TensorS
     return _specs(model.inputs, "input"), _specs(model.outputs, "output")
 
 
-class OvEngine:
+class OvEngine(EngineBase):
     """An OpenVINO compiled model. Thread-safe: each thread gets its own infer request."""
 
     def __init__(self, model: str | os.PathLike[str] | tuple[bytes, bytes], options: OvOptions = OvOptions()) -> None:
@@ -100,20 +100,8 @@ class OvEngine:
         self._local = threading.local()
 
     @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
-
-    @property
     def provider(self) -> str:
         return f"OpenVINO {self.options.device} ({self.options.hint.lower()})"
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return {}
 
     @property
     def precision(self) -> str:
