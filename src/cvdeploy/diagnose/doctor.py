@@ -22,12 +22,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from cvdeploy.diagnose.finding import SEVERITY_ORDER, Severity
 from cvdeploy.errors import InputError
 
-Severity = Literal["serious", "warning", "info", "ok"]
-SEVERITY_ORDER: dict[str, int] = {"serious": 0, "warning": 1, "info": 2, "ok": 3}
 # Within one severity: a step that names a cause outranks one that shows a symptom.
 STEP_ORDER: dict[str, int] = {"integrity": 0, "preprocessing": 1, "data": 2, "environment": 3, "controlled": 4, "io-log": 5,
                               "speed": 6}
