@@ -22,7 +22,8 @@ import jsonschema
 import pytest
 import yaml
 
-from cvdeploy.deploy.docker import FORBIDDEN, RULES, _instructions, check_dockerfile, runtime_requirements
+from cvdeploy.deploy.docker import FORBIDDEN, RULES, check_dockerfile, runtime_requirements
+from cvdeploy.deploy.docker_rules import instructions as _instructions
 
 CLI = [sys.executable, "-m", "cvdeploy"]
 SCHEMAS = Path(__file__).parent / "schemas"

@@ -1,10 +1,13 @@
-"""Deployment generators. Here: what a package serves (`load_source`), shared by the container build context (`docker`),
-the Kubernetes and KServe manifests (`k8s`) and the Helm chart (`helm`), none of which imports the server, torch or
-ultralytics; the other modules of this package add further targets."""
+"""Deployment generators. Here: what a package serves (`load_source`), its object names (`dns_name`) and the output
+directory it is written to (`clear_output`), shared by the container build context (`docker`), the Kubernetes and KServe
+manifests (`k8s`), the Helm chart (`helm`) and the monitoring files (`monitoring`), none of which imports the server,
+torch or ultralytics; the other modules of this package add further targets."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +74,17 @@ def check_dns_name(name: str, what: str = "--name") -> str:
     if not _DNS_LABEL.match(name) or len(name) > 63:
         raise InputError(f"{what} {name!r} is not a valid name: lower case letters, digits and '-', a letter first, 63 at most")
     return name
+
+
+def clear_output(out: str | os.PathLike[str], force: bool, *, choose: str = "another -o") -> Path:
+    """`out` as a path to write a generator's output to: refused when it exists (a package is never written over what
+    is there), unless `force`, then removed with everything in it."""
+    root = Path(out)
+    if root.exists():
+        if not force:
+            raise InputError(f"{root} already exists; choose {choose} or pass --force to replace it")
+        shutil.rmtree(root)
+    return root
 
 
 def _version_key(v: str) -> tuple[int, str]:

@@ -3,7 +3,8 @@
 The values come from `values_for` (the options and the sizing); the templates below are Go templates that render,
 with those values, exactly the objects `k8s.manifests` writes (tests/deploy/test_k8s.py renders them with helm and
 compares), so the chart and the plain manifests cannot drift apart. Helm also checks the values against
-values.schema.json before it renders anything.
+values.schema.json before it renders anything. What every object repeats (its metadata, the container's probes) is
+written once here (`_metadata`, `_probe`), with the figures `k8s_pod` gives the manifests.
 """
 
 from __future__ import annotations
@@ -51,13 +52,31 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 {{- end }}
 """
 
+
+def _metadata(name: str = "{{ .Release.Name }}") -> str:
+    """The metadata every object of the chart opens with: its name (the release's) and the chart's labels."""
+    return ("metadata:\n"
+            f"  name: {name}\n"
+            "  labels:\n"
+            '    {{- include "cvdeploy.labels" . | nindent 4 }}\n')
+
+
+def _probe(kind: str, path: str, period: int, failures: int | str) -> str:
+    """One of the server container's probes, as `k8s_pod.container` makes them: over the scheme the values choose."""
+    return (f"          {kind}:\n"
+            "            httpGet:\n"
+            f"              path: {path}\n"
+            "              port: http\n"
+            '              scheme: {{ include "cvdeploy.scheme" . }}\n'
+            f"            periodSeconds: {period}\n"
+            f"            timeoutSeconds: {k.PROBE_TIMEOUT_S}\n"
+            f"            failureThreshold: {failures}\n")
+
+
 DEPLOYMENT = """\
 apiVersion: apps/v1
 kind: Deployment
-metadata:
-  name: {{ .Release.Name }}
-  labels:
-    {{- include "cvdeploy.labels" . | nindent 4 }}
+""" + _metadata() + """\
   annotations:
     cvdeploy.io/sizing: {{ .Values.sizingNotes | quote }}
 spec:
@@ -144,30 +163,8 @@ spec:
                   fieldPath: metadata.name
           resources:
             {{- toYaml .Values.resources | nindent 12 }}
-          startupProbe:
-            httpGet:
-              path: /v2/health/ready
-              port: http
-              scheme: {{ include "cvdeploy.scheme" . }}
-            periodSeconds: 5
-            timeoutSeconds: 2
-            failureThreshold: {{ .Values.startupProbe.failureThreshold }}
-          readinessProbe:
-            httpGet:
-              path: /v2/health/ready
-              port: http
-              scheme: {{ include "cvdeploy.scheme" . }}
-            periodSeconds: 5
-            timeoutSeconds: 2
-            failureThreshold: 3
-          livenessProbe:
-            httpGet:
-              path: /v2/health/live
-              port: http
-              scheme: {{ include "cvdeploy.scheme" . }}
-            periodSeconds: 10
-            timeoutSeconds: 2
-            failureThreshold: 3
+""" + _probe("startupProbe", k.READY_PATH, 5, "{{ .Values.startupProbe.failureThreshold }}") \
+  + _probe("readinessProbe", k.READY_PATH, 5, 3) + _probe("livenessProbe", k.LIVE_PATH, 10, 3) + """\
           lifecycle:
             preStop:
               exec:
@@ -235,10 +232,7 @@ spec:
 SERVICE = """\
 apiVersion: v1
 kind: Service
-metadata:
-  name: {{ .Release.Name }}
-  labels:
-    {{- include "cvdeploy.labels" . | nindent 4 }}
+""" + _metadata() + """\
 spec:
   type: ClusterIP
   selector:
@@ -253,10 +247,7 @@ spec:
 HPA = """\
 apiVersion: autoscaling/v2
 kind: HorizontalPodAutoscaler
-metadata:
-  name: {{ .Release.Name }}
-  labels:
-    {{- include "cvdeploy.labels" . | nindent 4 }}
+""" + _metadata() + """\
 spec:
   scaleTargetRef:
     apiVersion: apps/v1
@@ -280,10 +271,7 @@ spec:
 PDB = """\
 apiVersion: policy/v1
 kind: PodDisruptionBudget
-metadata:
-  name: {{ .Release.Name }}
-  labels:
-    {{- include "cvdeploy.labels" . | nindent 4 }}
+""" + _metadata() + """\
 spec:
   maxUnavailable: 1
   selector:
@@ -296,10 +284,7 @@ AUDIT_PVC = """\
 # Every replica writes its own log file on it: ReadWriteMany, on storage with POSIX locks (SQLite).
 apiVersion: v1
 kind: PersistentVolumeClaim
-metadata:
-  name: {{ include "cvdeploy.auditClaim" . }}
-  labels:
-    {{- include "cvdeploy.labels" . | nindent 4 }}
+""" + _metadata('{{ include "cvdeploy.auditClaim" . }}') + """\
 spec:
   accessModes: ["ReadWriteMany"]
   resources:
@@ -335,7 +320,7 @@ def _image_parts(image: str) -> dict[str, str]:
 def values_for(source: ModelSource, o: k.K8sOptions, s: k.Sizing) -> dict[str, Any]:
     """The chart's values for these options: with them the chart renders what `k8s.manifests` writes."""
     return {
-        "image": {**_image_parts(o.image), "pullPolicy": "IfNotPresent"},
+        "image": {**_image_parts(o.image), "pullPolicy": k.PULL_POLICY},
         "modelRepository": MODELS_DIR,
         "port": k.PORT,
         "uid": k.UID,
@@ -348,10 +333,10 @@ def values_for(source: ModelSource, o: k.K8sOptions, s: k.Sizing) -> dict[str, A
         "audit": {"keySecretName": o.audit_key_secret or "", "existingClaim": o.audit_claim or "", "size": o.audit_size,
                   "storageClassName": o.audit_storage_class or ""},
         "paths": {"tls": k.TLS_DIR, "apiKeys": k.KEYS_DIR, "auditKey": k.AUDIT_KEY_DIR, "audit": k.AUDIT_DIR},
-        "tmpSize": "256Mi",
+        "tmpSize": k.TMP_SIZE,
         "preStopSeconds": k.PRE_STOP_S,
         "terminationGracePeriodSeconds": k.termination_grace_s(),
-        "bundles": k._bundles_annotation(source),
+        "bundles": k.bundles_annotation(source),
         "sizingNotes": " | ".join(s.notes),
     }
 

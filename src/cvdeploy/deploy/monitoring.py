@@ -17,12 +17,12 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cvdeploy.deploy import clear_output
 from cvdeploy.errors import InputError
 
 # name -> labels, as cvdeploy.serve.metrics.ServerMetrics exports them (histograms by their base name). Drift: the score
@@ -407,11 +407,7 @@ def write_monitoring(models: Mapping[str, Any], out: str | os.PathLike[str], opt
     broken = [f"alert rules: {p}" for p in check_rules(rules)] + [f"dashboard: {p}" for p in check_dashboard(board)]
     if broken:  # a generator bug, said plainly rather than shipped
         raise InputError("the generated monitoring files are invalid: " + "; ".join(broken))
-    root = Path(out)
-    if root.exists():
-        if not force:
-            raise InputError(f"{root} already exists; choose another output or pass --force to replace it")
-        shutil.rmtree(root)
+    root = clear_output(out, force, choose="another output")
     (root / RULES_FILE).parent.mkdir(parents=True)
     (root / DASHBOARD_FILE).parent.mkdir(parents=True)
     header = ("# Prometheus alerting rules for cvdeploy, written by cvdeploy.deploy.monitoring; check with\n"
