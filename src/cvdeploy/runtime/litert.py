@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cvdeploy.errors import EngineError, InputError, MissingDependencyError
-from cvdeploy.runtime.base import TensorSpec, check_feeds
+from cvdeploy.runtime.base import EngineBase, TensorSpec, check_feeds
 
 INPUT_NAME = "images"
 # Tasks whose coordinate channels Ultralytics' LiteRT export normalizes (unless the graph ends with NMS).
@@ -75,7 +75,7 @@ def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return np.clip(np.rint(x / scale + zero), limits.min, limits.max).astype(detail["dtype"])
 
 
-class LiteRtEngine:
+class LiteRtEngine(EngineBase):
     """A LiteRT interpreter. Thread-safe: runs are serialized (an interpreter holds its tensors)."""
 
     def __init__(self, model: str | os.PathLike[str] | bytes | tuple[bytes, bytes], options: LiteRtOptions = LiteRtOptions()) -> None:
@@ -116,14 +116,6 @@ class LiteRtEngine:
         self._outputs = [TensorSpec(f"output{k}", (None, *(int(d) for d in o["shape"][1:])), "float32")
                          for k, o in enumerate(self._outs)]
         self._lock = threading.Lock()
-
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return self._outputs
 
     @property
     def provider(self) -> str:
