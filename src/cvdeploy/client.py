@@ -187,12 +187,14 @@ def _blob(image: str | os.PathLike[str] | bytes) -> bytes:
     return p.read_bytes()
 
 
-def _params(conf: float | None, iou: float | None, max_det: int | None, classes: list[int] | None, annotate: bool) -> dict:
+def _params(conf: float | None, iou: float | None, max_det: int | None, classes: list[int] | None, annotate: bool,
+            retina_masks: bool = False) -> dict:
     out: dict[str, Any] = {k: v for k, v in (("conf", conf), ("iou", iou), ("max_det", max_det)) if v is not None}
     if classes:
         out["classes"] = ",".join(str(int(c)) for c in classes)
-    if annotate:
-        out["annotate"] = "true"
+    for key, on in (("annotate", annotate), ("retina_masks", retina_masks)):
+        if on:
+            out[key] = "true"
     return out
 
 
@@ -368,9 +370,12 @@ class Client(_Base):
         return _answer(self._call("POST", "/v2/repository/index"), self._sends_key)
 
     def predict(self, model: str, image: str | os.PathLike[str] | bytes, *, conf: float | None = None, iou: float | None = None,
-                max_det: int | None = None, classes: list[int] | None = None, annotate: bool = False) -> dict[str, Any]:
+                max_det: int | None = None, classes: list[int] | None = None, annotate: bool = False,
+                retina_masks: bool = False) -> dict[str, Any]:
+        """The image API's answer (`Result.to_dict()` with the model's name and version); `retina_masks`: a segment
+        model's masks at the image's own size."""
         return _answer(self._call("POST", f"/v1/models/{model}/predict", content=_blob(image),
-                                  params=_params(conf, iou, max_det, classes, annotate),
+                                  params=_params(conf, iou, max_det, classes, annotate, retina_masks),
                                   headers={"content-type": "application/octet-stream"}), self._sends_key)
 
     def close(self) -> None:
@@ -411,9 +416,9 @@ class AsyncClient(_Base):
 
     async def predict(self, model: str, image: str | os.PathLike[str] | bytes, *, conf: float | None = None,
                       iou: float | None = None, max_det: int | None = None, classes: list[int] | None = None,
-                      annotate: bool = False) -> dict[str, Any]:
+                      annotate: bool = False, retina_masks: bool = False) -> dict[str, Any]:
         return _answer(await self._call("POST", f"/v1/models/{model}/predict", content=_blob(image),
-                                        params=_params(conf, iou, max_det, classes, annotate),
+                                        params=_params(conf, iou, max_det, classes, annotate, retina_masks),
                                         headers={"content-type": "application/octet-stream"}), self._sends_key)
 
     async def aclose(self) -> None:

@@ -352,6 +352,8 @@ def predict(
     iou: float | None = typer.Option(None, help="NMS IoU threshold (default: the bundle's, 0.7)."),
     max_det: int | None = typer.Option(None, "--max-det", help="Maximum detections per image."),
     classes: str | None = typer.Option(None, help="Only these class ids, comma-separated, e.g. 0,2."),
+    retina_masks: bool = typer.Option(False, "--retina-masks", help="Segment: decode masks at the image's own size "
+                                      "(Ultralytics' retina_masks); other tasks ignore it."),
     save: Path | None = typer.Option(None, help="Write annotated images and videos (same size and frame rate) to this "
                                      "directory."),
     vid_stride: int = typer.Option(1, "--vid-stride", min=1, help="Predict every N-th frame of videos and streams."),
@@ -394,7 +396,10 @@ def predict(
     predictor = Predictor(model, variant, conf=conf, iou=iou, max_det=max_det, classes=class_ids, model_key=model_key)
     if save:
         save.mkdir(parents=True, exist_ok=True)
-    run = Run(predictor, save, JsonList(as_json), batch, overrides={},
+    if retina_masks and predictor.task != "segment":
+        err_console.print(f"note: --retina-masks changes segment masks only; {predictor.bundle.name} is a {predictor.task} "
+                          "model", highlight=False, soft_wrap=True)
+    run = Run(predictor, save, JsonList(as_json), batch, overrides={"retina_masks": True} if retina_masks else {},
               source_options=dict(vid_stride=vid_stride, buffer=batch, reconnect=reconnect, timeout=timeout))
     if log_io is not None:
         from cvdeploy.diagnose.iolog import IOLog

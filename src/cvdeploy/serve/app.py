@@ -3,10 +3,12 @@ middleware and the error map; the models load and warm up in the background once
 the server reports ready when they are warm.
 
 Client errors are 4xx with ``{"error": ...}``; a full queue or memory budget is 503 with Retry-After; nothing a
-client sends produces a 500. The modules: `routes_v2`, `routes_images`, `routes_admin` (thin routes), `pipeline`
-(the Predictor's stages around the batcher), `access` (authentication, audit, access log), `http` (errors to
-statuses, bodies), `protocol` (v2 encoding), `batcher`, `repository`, `limits`, `metrics`, `health` (startup and probes),
-`docs` (the API pages from packaged assets).
+client sends produces a 500. The modules: `routes_v2`, `routes_images`, `routes_stream`, `routes_admin` (thin routes),
+`model_info` (v2 metadata and config: outputs and task facts), `stream_options`, `pipeline` (the Predictor's stages
+around the batcher), `access` (authentication, audit, access log), `http` (errors to statuses, bodies), `protocol` (v2
+encoding), `batcher`, `repository` (which versions serve) and `loaded` (one version: opened, warmed, drained), `canary`
+and `canary_arms`, `monitor`, `limits`, `metrics`, `health` (startup and probes), `docs` (the API pages from packaged
+assets).
 """
 
 from __future__ import annotations
@@ -109,10 +111,22 @@ def build_repository(sources: list[str], repository_dir: str | None, settings: S
     return repo
 
 
+WS_FRAME_SLACK = 1 << 20  # bytes a WebSocket message may exceed max_body_bytes by and still get a 413 answer
+
+
+def ws_max_size(settings: ServeSettings) -> int:
+    """The largest WebSocket message the protocol layer accepts: the body limit plus some slack. Why: a frame over the
+    body limit must get the HTTP routes' answer (413, the stream goes on); uvicorn's fixed default (16 MiB) under a
+    larger body limit closed the socket with 1009 instead. Past the slack a message is cut by the protocol (1009)
+    before it is buffered whole: a client that far over the limit is not sending one slightly large frame."""
+    return settings.max_body_bytes + WS_FRAME_SLACK
+
+
 def uvicorn_config(app: FastAPI, host: str, port: int, *, tls_cert: str | None = None, tls_key: str | None = None,
                    tls_client_ca: str | None = None, log_level: str = "info", settings: ServeSettings | None = None) -> Any:
     """A loaded uvicorn Config; with TLS, its SSL context is cvdeploy's hardened one (TLS 1.2+, AEAD, optional mTLS).
-    The HTTP protocol drops slow-header clients and connections past the cap (`settings`, default ServeSettings())."""
+    The HTTP protocol drops slow-header clients and connections past the cap (`settings`, default ServeSettings()); the
+    WebSocket protocol takes messages up to `ws_max_size(settings)`."""
     import uvicorn
 
     from cvdeploy.serve.limits import guarded_protocol
@@ -133,7 +147,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int, *, tls_cert: str | None =
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None,
                             timeout_graceful_shutdown=30,
                             http=guarded_protocol(s.header_timeout_s, s.max_connections),
-                            timeout_keep_alive=s.keep_alive_timeout_s, **kw)  # type: ignore[arg-type]
+                            timeout_keep_alive=s.keep_alive_timeout_s, ws_max_size=ws_max_size(s), **kw)  # type: ignore[arg-type]
     config.load()
     if tls_cert is not None:
         config.ssl = context  # replaces uvicorn's default context

@@ -24,7 +24,6 @@ import logging
 import random
 import re
 import time
-from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,11 +31,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cvdeploy.errors import BundleError, CvdeployError, DeadlineError, EngineError, InputError, NotFoundError, ServerBusyError
-from cvdeploy.serve.monitor import PREDICTION_STATISTICS, Sample, prediction_sample, tested, window_profile
+from cvdeploy.serve.canary_arms import Arm, compare_windows, model_info, speed_ratio
+from cvdeploy.serve.monitor import PREDICTION_STATISTICS, prediction_sample, tested
 
 if TYPE_CHECKING:
     from cvdeploy.serve.repository import LoadedModel, Repository
 
+__all__ = ["Arm", "Release", "Releases", "model_failure", "speed_ratio"]  # Arm and speed_ratio live in canary_arms
 log = logging.getLogger("cvdeploy.serve")
 MODES = ("canary", "shadow")
 COHORT_HEADER = "x-cvdeploy-cohort"
@@ -47,60 +48,6 @@ _LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
 def model_failure(e: BaseException) -> bool:
     """A failure of the model's side (not the client's, not load shedding): it counts against a candidate."""
     return isinstance(e, Exception) and (not isinstance(e, CvdeployError) or isinstance(e, EngineError | DeadlineError))
-
-
-class Arm:
-    """One side's window: failures, model time per image and prediction statistics of its last requests."""
-
-    def __init__(self, window: int) -> None:
-        self.failed: deque[bool] = deque(maxlen=window)
-        self.latency: deque[float] = deque(maxlen=window)  # a request's time from its letterbox to its boxes
-        self.per_image: deque[tuple[int, float]] = deque(maxlen=window)  # (batch rows, model time per image)
-        self.samples: deque[Sample] = deque(maxlen=window)
-        self.requests = 0
-        self.failures = 0
-
-    def ok(self, latency_s: float, sample: Sample, rows: int = 1, per_image_s: float | None = None) -> None:
-        self.requests += 1
-        self.failed.append(False)
-        self.latency.append(latency_s)
-        self.per_image.append((rows, latency_s if per_image_s is None else per_image_s))
-        self.samples.append(sample)
-
-    def fail(self) -> None:
-        self.requests += 1
-        self.failures += 1
-        self.failed.append(True)
-
-    @property
-    def error_rate(self) -> float:
-        return sum(self.failed) / len(self.failed) if self.failed else 0.0
-
-    def copy(self) -> Arm:
-        """A snapshot to judge in another thread while the event loop keeps appending to this one."""
-        out = Arm(self.failed.maxlen or 1)
-        out.failed, out.latency, out.per_image, out.samples = (deque(d, d.maxlen) for d in (self.failed, self.latency,
-                                                                                              self.per_image, self.samples))
-        out.requests, out.failures = self.requests, self.failures
-        return out
-
-    def by_batch(self) -> dict[int, list[float]]:
-        out: dict[int, list[float]] = {}
-        for rows, t in self.per_image:
-            out.setdefault(rows, []).append(t)
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        lat = np.asarray(self.latency) * 1000
-        return {"requests": self.requests, "failures": self.failures, "window": len(self.failed),
-                "error_rate": round(self.error_rate, 4),
-                "latency_p50_ms": round(float(np.median(lat)), 2) if lat.size else None,
-                "latency_p95_ms": round(float(np.quantile(lat, 0.95)), 2) if lat.size else None}
-
-
-def _model_info(m: LoadedModel) -> dict[str, Any]:
-    p = m.predictor
-    return {"bundle": p.bundle.name, "variant": p.variant, "conf": p.options.conf, "iou": p.options.iou, "max_det": p.options.max_det}
 
 
 class Release:
@@ -138,8 +85,8 @@ class Release:
         if ratio is not None and ratio > s.canary_max_latency_ratio:
             reasons.append(f"model time per image at equal batch sizes x{ratio:.2f} the incumbent's "
                            f"(allowed: x{s.canary_max_latency_ratio:g})")
-        findings = tested(_compare(list(inc.samples), list(cand.samples), _model_info(self.incumbent),
-                                   _model_info(self.candidate)), PREDICTION_STATISTICS)
+        findings = tested(compare_windows(list(inc.samples), list(cand.samples), model_info(self.incumbent),
+                                          model_info(self.candidate)), PREDICTION_STATISTICS)
         for d in findings:
             self.streak[d.statistic] = self.streak.get(d.statistic, 0) + 1 if d.severity == "serious" else 0
             if self.streak[d.statistic] >= s.canary_consecutive:
@@ -157,33 +104,6 @@ class Release:
                 "candidate": {"version": self.candidate.version, "bundle": str(self.candidate.path), **self.arms["candidate"].summary()},
                 "judgement": self.judgement, "reason": self.reason, "decided_by": self.decided_by, "decided_at": self.decided_at,
                 **({"shadow": {"copied": self.shadowed, "skipped_queue_full": self.skipped}} if self.mode == "shadow" else {})}
-
-
-def speed_ratio(inc: Arm, cand: Arm, min_n: int = 5) -> float | None:
-    """The candidate's model time per image over the incumbent's, compared at equal batch sizes (the median ratio over
-    the sizes both sides have `min_n` samples of, weighted by those counts); None without such a size.
-
-    Why not the request latency: it depends on the traffic share. A side with more requests forms fuller batches: its
-    requests wait longer and run in longer batches, and its time per image is lower. An equal candidate at 30 % of the
-    traffic read 2.6 times faster than the incumbent by request latency in the docs' session."""
-    a, b = inc.by_batch(), cand.by_batch()
-    pairs = [(float(np.median(b[r]) / np.median(a[r])), min(len(a[r]), len(b[r]))) for r in set(a) & set(b)
-             if min(len(a[r]), len(b[r])) >= min_n and np.median(a[r]) > 0]
-    if not pairs:
-        return None
-    pairs.sort()
-    half, acc = sum(w for _, w in pairs) / 2, 0
-    for ratio, w in pairs:
-        acc += w
-        if acc >= half:
-            return ratio
-    return pairs[-1][0]
-
-
-def _compare(inc: list[Sample], cand: list[Sample], mi: dict[str, Any], mc: dict[str, Any]) -> list[Any]:
-    from cvdeploy.diagnose.profile import compare
-
-    return compare(window_profile(inc, mi), window_profile(cand, mc))
 
 
 class Releases:

@@ -47,8 +47,8 @@ PREDICTION_STATISTICS = ("boxes_per_image", "top_confidence", "confidence", "box
 
 def header_facts(data: bytes) -> tuple[str, str, float | None]:
     """(format, EXIF orientation or "none", JPEG quality or None) from an encoded image's header, exactly as the data
-    profile reads them (a public wrapper of `cvdeploy.diagnose.profile._header_facts`)."""
-    from cvdeploy.diagnose.profile import _header_facts
+    profile reads them (a public wrapper of `cvdeploy.diagnose.profile.header_facts`)."""
+    from cvdeploy.diagnose.profile import header_facts as _header_facts
 
     return _header_facts(data)
 

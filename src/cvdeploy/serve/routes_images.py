@@ -25,7 +25,7 @@ def register(app: FastAPI, repo: Repository) -> None:
         q = predict_query(request)
         m = repo.pick(name, q["version"], request.headers.get("x-cvdeploy-cohort"))  # a canary release may answer
         async with inference_scope(repo, m, request, "images") as record:
-            options = request_options(m, q["conf"], q["iou"], q["max_det"], q["classes"])
+            options = request_options(m, q["conf"], q["iou"], q["max_det"], q["classes"], retina_masks=q["retina_masks"])
             annotate = q["annotate"]
             with m.batcher.expect(1):
                 body = record.body = await read_body(request, repo.settings.max_body_bytes, timeout=repo.settings.body_timeout_s,
@@ -41,7 +41,10 @@ _QUERY_TYPES: dict[str, tuple[str, str]] = {
     "iou": ("number", "NMS IoU threshold, 0..1 (default: the bundle's)."),
     "max_det": ("integer", "Most detections kept per image, 1..10000."),
     "classes": ("string", "Comma-separated class ids to keep."),
-    "annotate": ("boolean", "Also answer the image with the detections drawn (base64 JPEG)."),
+    "retina_masks": ("boolean", "Segment: masks decoded at the image's own size (Ultralytics' retina_masks); other "
+                     "tasks ignore it, as Ultralytics does."),
+    "annotate": ("boolean", "Also answer the image with the result drawn (base64 JPEG): boxes, rotated boxes, masks, "
+                 "keypoints or top classes."),
     "version": ("string", "Model version (default: the latest)."),
 }
 PREDICT_QUERY_DOC = [{"name": k, "in": "query", "required": False, "description": d, "schema": {"type": t}}
@@ -51,7 +54,8 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 def predict_query(request: Request) -> dict[str, Any]:
     """The image API's query parameters, typed, with a 400 naming the parameter when one is malformed."""
-    out: dict[str, Any] = {"conf": None, "iou": None, "max_det": None, "classes": None, "annotate": False, "version": None}
+    out: dict[str, Any] = {"conf": None, "iou": None, "max_det": None, "classes": None, "retina_masks": False, "annotate": False,
+                           "version": None}
     for key, raw in request.query_params.multi_items():
         kind = _QUERY_TYPES.get(key, ("", ""))[0]
         try:
@@ -70,20 +74,47 @@ def predict_query(request: Request) -> dict[str, Any]:
     return out
 
 
-def request_options(m: LoadedModel, conf: float | None, iou: float | None, max_det: int | None, classes: str | None) -> Any:
+def request_options(m: LoadedModel, conf: float | None, iou: float | None, max_det: int | None, classes: str | None, *,
+                    retina_masks: bool = False) -> Any:
+    """The Predictor's options for one request. `retina_masks` is taken by every task and changes only a segment
+    model's masks, as in Ultralytics (and the Predictor): a client may send one query to models of several tasks."""
     if conf is not None and not 0 <= conf <= 1:
         raise InputError(f"conf must be within 0..1, got {conf}")
     if iou is not None and not 0 <= iou <= 1:
         raise InputError(f"iou must be within 0..1, got {iou}")
     if max_det is not None and not 1 <= max_det <= 10_000:
         raise InputError(f"max_det must be within 1..10000, got {max_det}")
-    overrides: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det}
+    overrides: dict[str, Any] = {"conf": conf, "iou": iou, "max_det": max_det, "retina_masks": bool(retina_masks)}
     if classes:
         try:
             overrides["classes"] = [int(c) for c in classes.split(",") if c.strip()]
         except ValueError:
             raise InputError(f"classes takes comma-separated integers, got {classes!r}") from None
     return m.predictor.detect_options(**overrides)
+
+
+_PARAMETER_TYPES: dict[str, tuple[str, Any]] = {
+    "conf": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "iou": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "max_det": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "classes": ("a comma-separated string of class ids", lambda v: isinstance(v, str)),
+    "retina_masks": ("true or false", lambda v: isinstance(v, bool)),
+    "annotate": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def parameter_options(m: LoadedModel, params: dict[str, Any]) -> tuple[Any, bool]:
+    """The options of a v2 request whose input is `image` (BYTES): the image API's query options, read from the
+    request's `parameters` (typed JSON values; the protocol's own parameters, e.g. binary_data_output, pass)."""
+    got: dict[str, Any] = {}
+    for key, (expected, ok) in _PARAMETER_TYPES.items():
+        if key in params:
+            if not ok(params[key]):
+                raise InputError(f"parameter {key}: expected {expected}, got {str(params[key])[:80]!r}")
+            got[key] = params[key]
+    options = request_options(m, got.get("conf"), got.get("iou"), got.get("max_det"), got.get("classes"),
+                              retina_masks=got.get("retina_masks", False))
+    return options, got.get("annotate", False)
 
 
 async def image_from(request: Request, body: bytes) -> bytes:

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, WebSocket
@@ -27,7 +27,6 @@ from cvdeploy.errors import (
     AuthError,
     CvdeployError,
     ImageDecodeError,
-    InputError,
     OutputNotRepresentableError,
     PayloadTooLargeError,
     ServerBusyError,
@@ -36,95 +35,24 @@ from cvdeploy.serve.access import check_access, deny, inference_scope
 from cvdeploy.serve.http import status_of
 from cvdeploy.serve.limits import BINARY_WEIGHT
 from cvdeploy.serve.pipeline import detect_images
-from cvdeploy.serve.protocol import load_json
 from cvdeploy.serve.repository import LoadedModel, Repository
-from cvdeploy.serve.routes_images import predict_query, request_options
+from cvdeploy.serve.stream_options import (  # noqa: F401  (the options' names, importable from here as before)
+    MAX_OPTIONS_BYTES,
+    OPTION_KEYS,
+    POLICIES,
+    Options,
+    message_options,
+    query_options,
+)
 
 log = logging.getLogger("cvdeploy.serve")
 access_log = logging.getLogger("cvdeploy.access")
 
-POLICIES = ("block", "drop-oldest")
-OPTION_KEYS = ("conf", "iou", "max_det", "classes", "annotate", "policy", "in_flight")
-MAX_OPTIONS_BYTES = 64 * 1024
 # Under drop-oldest the server keeps reading; answers a client has not read yet (dropped ones are a few bytes each)
 # are bounded too: past this many per in-flight slot it stops reading, whatever the policy.
 UNSENT_PER_SLOT = 16
 # Close codes (RFC 6455): 1008 for who the client is or what it asked (the 4xx), 1013 for "try again later" (429, 503).
 POLICY_VIOLATION, TRY_AGAIN_LATER, INTERNAL_ERROR = 1008, 1013, 1011
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a client may choose for its stream: the image API's query options, the backpressure policy, and at most
-    the server's in-flight frames."""
-
-    conf: float | None = None
-    iou: float | None = None
-    max_det: int | None = None
-    classes: str | None = None  # comma-separated class ids, as in the image API's query
-    annotate: bool = False
-    policy: str = "block"
-    in_flight: int = 4
-
-    def check(self, m: LoadedModel, limit: int) -> Any:
-        """The Predictor's options for these (InputError naming the option when one is out of range)."""
-        if self.policy not in POLICIES:
-            raise InputError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if not 1 <= self.in_flight <= limit:
-            raise InputError(f"in_flight must be within 1..{limit} (the server's stream_max_in_flight), got {self.in_flight}")
-        return request_options(m, self.conf, self.iou, self.max_det, self.classes)
-
-
-def query_options(ws: Request, limit: int, default_policy: str) -> tuple[Options, str | None]:
-    """The handshake's query: the image API's parameters (same types, same messages), `policy` and `in_flight`."""
-    q = predict_query(ws)
-    raw = ws.query_params.get("in_flight")
-    try:
-        in_flight = int(raw) if raw is not None else limit
-    except ValueError:
-        raise InputError(f"query parameter in_flight: expected an integer, got {raw!r}") from None
-    opts = Options(q["conf"], q["iou"], q["max_det"], q["classes"], q["annotate"],
-                   ws.query_params.get("policy", default_policy), in_flight)
-    return opts, q["version"]
-
-
-def _integer(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1 here
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-_OPTION_TYPES: dict[str, tuple[str, Any]] = {
-    "conf": ("a number or null", lambda v: v is None or _number(v)),
-    "iou": ("a number or null", lambda v: v is None or _number(v)),
-    "max_det": ("an integer or null", lambda v: v is None or _integer(v)),
-    "classes": ("a list of class ids, a comma-separated string or null",
-                lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(map(_integer, v)))),
-    "annotate": ("true or false", lambda v: isinstance(v, bool)),
-    "policy": (f"one of {', '.join(POLICIES)}", lambda v: isinstance(v, str)),
-    "in_flight": ("an integer", _integer),
-}
-
-
-def message_options(text: str, current: Options) -> Options:
-    """An options message (a JSON object of OPTION_KEYS) over `current`; a null threshold goes back to the bundle's."""
-    if len(text) > MAX_OPTIONS_BYTES:
-        raise InputError(f"an options message is at most {MAX_OPTIONS_BYTES} bytes, got {len(text)}")
-    doc = load_json(text, "the options message")
-    if not isinstance(doc, dict):
-        raise InputError(f'an options message must be a JSON object, e.g. {{"conf": 0.3, "policy": "drop-oldest"}}; got {type(doc).__name__}')
-    unknown = sorted(set(doc) - set(OPTION_KEYS))
-    if unknown:
-        raise InputError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(OPTION_KEYS)}")
-    out: dict[str, Any] = {}
-    for key, v in doc.items():
-        expected, ok = _OPTION_TYPES[key]
-        if not ok(v):
-            raise InputError(f"option {key}: expected {expected}, got {json.dumps(v)[:80]}")
-        out[key] = ",".join(map(str, v)) if isinstance(v, list) else float(v) if key in ("conf", "iou") and v is not None else v
-    return replace(current, **out)
 
 
 class StreamMetrics:

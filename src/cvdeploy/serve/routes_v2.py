@@ -11,53 +11,16 @@ from fastapi.responses import Response
 
 from cvdeploy import __version__
 from cvdeploy.errors import CvdeployError, InputError, NotFoundError
+from cvdeploy.serve import model_info
 from cvdeploy.serve.access import audit, inference_scope
 from cvdeploy.serve.http import read_body
+from cvdeploy.serve.model_info import IMAGE_INPUT, RESULTS_OUTPUT, V2_TYPES
 from cvdeploy.serve.pipeline import detect_images, infer_tensor
 from cvdeploy.serve.protocol import HEADER, decompress, encode_response, parse_request
 from cvdeploy.serve.repository import LoadedModel, Repository
+from cvdeploy.serve.routes_images import parameter_options
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "cvdeploy_images"]
-V2_TYPES = {"float32": "FP32", "float16": "FP16", "uint8": "UINT8", "int32": "INT32", "int64": "INT64"}
-
-
-def _metadata(m: LoadedModel) -> dict[str, Any]:
-    eng = m.predictor.engine
-    return {
-        "name": m.name, "versions": [m.version], "platform": "onnxruntime_onnx" if "OpenVINO" not in eng.provider else "openvino",
-        "inputs": [{"name": i.name, "datatype": V2_TYPES.get(i.dtype, "FP32"), "shape": [-1 if d is None else d for d in i.shape]}
-                   for i in eng.inputs]
-        + [{"name": "image", "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": o.name, "datatype": V2_TYPES.get(o.dtype, "FP32"), "shape": [-1 if d is None else d for d in o.shape]}
-                    for o in eng.outputs] + [{"name": "detections", "datatype": "BYTES", "shape": [-1]}],
-    }
-
-
-def _ultralytics_metadata(m: LoadedModel) -> dict[str, Any]:
-    """What Ultralytics' Triton client reads (with ast.literal_eval): plain literals only."""
-    man = m.bundle.manifest
-    h, w = man.preprocess.imgsz
-    return {"description": f"cvdeploy {m.name} v{m.version}", "author": "cvdeploy", "version": __version__, "task": man.task,
-            "stride": int(man.preprocess.stride), "batch": 1, "imgsz": [int(h), int(w)],
-            "names": {int(k): str(v) for k, v in man.names.items()}, "args": {"nms": False}}
-
-
-def _config(m: LoadedModel) -> dict[str, Any]:
-    eng = m.predictor.engine
-    return {
-        "name": m.name, "platform": "onnxruntime_onnx", "backend": "cvdeploy", "max_batch_size": 0,
-        "input": [{"name": i.name, "data_type": "TYPE_" + V2_TYPES.get(i.dtype, "FP32"),
-                   "dims": [-1 if d is None else d for d in i.shape]} for i in eng.inputs],
-        "output": [{"name": o.name, "data_type": "TYPE_" + V2_TYPES.get(o.dtype, "FP32"),
-                    "dims": [-1 if d is None else d for d in o.shape]} for o in eng.outputs],
-        "dynamic_batching": {"max_queue_delay_microseconds": int(m.batcher.max_delay * 1e6),
-                             "preferred_batch_size": [m.batcher.max_batch]},
-        "instance_group": [{"count": m.batcher.instances, "kind": "KIND_CPU" if "CPU" in eng.provider.upper() else "KIND_GPU"}],
-        "parameters": {"metadata": {"string_value": repr(_ultralytics_metadata(m))}},
-    }
-
-
-
 def register(app: FastAPI, repo: Repository) -> None:
     """Add the v2 routes to `app`."""
 
@@ -69,14 +32,14 @@ def register(app: FastAPI, repo: Repository) -> None:
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> dict:
         m = repo.get(name, version)
-        meta = _metadata(m)
+        meta = model_info.model_metadata(m)
         meta["versions"] = repo.versions(name)
         return meta
 
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str | None = None) -> dict:
-        return _config(repo.get(name, version))
+        return model_info.model_config(repo.get(name, version))
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
@@ -99,17 +62,18 @@ def register(app: FastAPI, repo: Repository) -> None:
     async def _infer_tensors(m: LoadedModel, req: Any) -> dict[str, np.ndarray]:
         spec = m.predictor.engine.inputs[0]
         if len(req.inputs) != 1:
-            raise InputError(f"the model takes one input ({spec.name!r} as FP32 NCHW, or 'image' as BYTES), got {len(req.inputs)}")
+            raise InputError(f"the model takes one input ({spec.name!r} as FP32 NCHW, or {IMAGE_INPUT!r} as BYTES), got {len(req.inputs)}")
         (name, arr), = req.inputs.items()
         if req.datatypes[name] == "BYTES":
             if arr.ndim != 1 or arr.size < 1:
                 raise InputError(f"input {name!r}: BYTES images must have shape [n] with n >= 1, got {list(arr.shape)}")
             if arr.size > repo.settings.max_batch * 4:
                 raise InputError(f"input {name!r}: at most {repo.settings.max_batch * 4} images per request, got {arr.size}")
-            results = await detect_images(repo, m, [bytes(b) for b in arr.reshape(-1)], m.predictor.options)
+            options, annotate = parameter_options(m, req.parameters)
+            results = await detect_images(repo, m, [bytes(b) for b in arr.reshape(-1)], options, annotate)
             out = np.empty(len(results), dtype=object)
             out[:] = [json.dumps(r).encode() for r in results]
-            return {"detections": out}
+            return {RESULTS_OUTPUT: out}
         if name != spec.name:
             raise InputError(f"unknown input {name!r}; the model takes {spec.name!r} (FP32) or 'image' (BYTES)")
         if req.datatypes[name] != V2_TYPES.get(spec.dtype, "FP32"):
