@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from cvdeploy.build.variants import Outcome, _with_variant, calibration_tensors, map_of
+from cvdeploy.build.variants import Outcome, accuracy_check, calibration_tensors, map_of
 from cvdeploy.bundle.bundle import Bundle, set_bundle_modes, sha256_file
 from cvdeploy.bundle.manifest import Variant
 from cvdeploy.errors import BundleError, CvdeployError, InputError, MissingDependencyError
@@ -226,12 +226,7 @@ def _verify(bundle: Bundle, name: str, target: Path, companions: dict[str, str],
                       precision=precision, sha256=sha256_file(target), size_bytes=size,  # type: ignore[arg-type]
                       companions=companions, parity=parity, metrics={"box_agreement": round(agreement, 4)})
     if problem is None and data is not None:
-        step(name, "mAP")
-        variant.metrics.update(map_of(_with_variant(bundle, name, variant), name, data))
-        drop = 100.0 * (bundle.manifest.variants["onnx-fp32"].metrics["map50_95"] - variant.metrics["map50_95"])
-        variant.metrics["map50_95_drop_points"] = round(drop, 3)
-        if drop > budget:
-            problem = f"mAP50-95 drops by {drop:.2f} points (budget {budget:g})"
+        problem = accuracy_check(bundle, name, variant, data, budget, step)
     return variant, problem
 
 

@@ -7,6 +7,10 @@ at the bundle's own postprocessing thresholds, one image at a time as a lone req
 `DataProfile` to `profile.json` and lists it in the manifest with its sha256 (`Manifest.profile`), so `Bundle.load`
 and `cvdeploy verify` check it like every other file. Without a controlled set no profile is written and
 `Manifest.profile` stays None: the doctor then needs a baseline given to it (`--baseline`, `--data`).
+
+Every box task is profiled (detect, segment, pose, obb: the profile reads their detections' boxes and confidences;
+the split's images are listed whatever the labels). A classify bundle gets no profile (`profile_note`): the profile's
+prediction statistics are those of boxes, and a classifier has none.
 """
 
 from __future__ import annotations
@@ -29,16 +33,25 @@ PROFILE_VARIANT = "onnx-fp32"  # the source: what the .pt computes, within the b
 MAX_PROFILE_IMAGES = 500
 
 
+def profile_note(task: str) -> str | None:
+    """Why a bundle of `task` gets no data profile, or None when it gets one."""
+    if task == "classify":
+        return ("a classifier's predictions are class probabilities, and the data profile's prediction statistics are "
+                "those of boxes (count, confidence, size, class mix); profile its traffic with `cvdeploy doctor` and a "
+                "baseline given to it")
+    return None
+
+
 def profile_sources(data: str | os.PathLike[str], split: str = "val", max_images: int = MAX_PROFILE_IMAGES) -> tuple[list[Path], int]:
     """The images of `split` to profile (all of them, or `max_images` evenly spaced over the sorted split), and how many
-    the split holds."""
-    from cvdeploy.evaluate.coco import load_yolo_split
+    the split holds. Only the images are read, so any task's labels (boxes, polygons, keypoints, corners) will do."""
+    from cvdeploy.evaluate.labels import split_images
 
     if max_images < 1:
         raise InputError(f"the data profile needs at least 1 image, got max_images={max_images}")
-    images, _ = load_yolo_split(data, split)
+    images = split_images(data, split)
     picked = np.unique(np.linspace(0, len(images) - 1, min(max_images, len(images))).round().astype(int))
-    return [images[i].path for i in picked], len(images)
+    return [images[i] for i in picked], len(images)
 
 
 def write_profile(
@@ -56,6 +69,8 @@ def write_profile(
 
     if bundle.root is None:
         raise InputError(f"{bundle.name}: a plain .onnx file has no bundle directory to hold a data profile")
+    if (note := profile_note(bundle.manifest.task)) is not None:
+        raise InputError(f"{bundle.name}: no data profile for a classify bundle: {note}")
     paths, total = profile_sources(data, split, max_images)
     with Predictor(bundle, variant) as predictor:
         profile = profile_images(paths, predictor, on_progress=on_progress)

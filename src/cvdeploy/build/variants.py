@@ -2,8 +2,10 @@
 
 A variant enters the bundle only when (a) its outputs on the golden inputs are finite and agree
 with the source model's (raw error per output and box-level agreement after decoding), and
-(b) with a controlled dataset, its mAP50-95 is within the budget of the FP32 variant's. Its
-figures (parity, mAP, median latency at batch 1 on this machine) go into the manifest.
+(b) with a controlled dataset, its accuracy in the task's own figure (`cvdeploy.evaluate.accuracy`: box mAP50-95
+for detect, mask mAP50-95 for segment, keypoint OKS mAP50-95 for pose, rotated-box mAP50-95 for obb, top-1 for
+classify) is within the budget of the FP32 variant's. Its figures (parity, accuracy, median latency at batch 1 on this
+machine) go into the manifest.
 
 Hardware-dependent choices are measured here, never read from a table. onnx-int8 tries every
 candidate recipe (`quantize.recipe_candidates`), verifies each, times the survivors interleaved
@@ -83,42 +85,59 @@ class Outcome:
 # -- measurements ----------------------------------------------------------------------------------
 
 
-def _with_variant(bundle: Bundle, name: str, variant: Variant) -> Bundle:
+def with_variant(bundle: Bundle, name: str, variant: Variant) -> Bundle:
+    """The bundle as if `variant` were recorded under `name` (in memory; nothing is written)."""
     manifest = bundle.manifest.model_copy(update={"variants": {**bundle.manifest.variants, name: variant}})
     return Bundle(manifest, bundle.root)
 
 
 def map_of(bundle: Bundle, name: str, data: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    from cvdeploy.evaluate import evaluate_detect
+    """The variant's accuracy figures on the controlled set, by the bundle's task (`cvdeploy.evaluate.evaluate`):
+    detect {map50_95, map50}; segment, pose and obb also their box/mask/pose keys, `map50_95` being the task's own
+    figure; classify {top1, top5}."""
+    from cvdeploy.evaluate import evaluate
     from cvdeploy.predict import Predictor
 
     with Predictor(bundle, name) as p:
-        m = evaluate_detect(p, data, progress=progress)
-    return {"map50_95": round(m.map50_95, 5), "map50": round(m.map50, 5)}
+        m = evaluate(p, data, progress=progress)
+    return {k: round(v, 5) for k, v in m.values.items()}
+
+
+def accuracy_key(task: str) -> str:
+    """The metrics key the budget holds for `task`: `map50_95` (each box task's own mAP) or `top1` (classify)."""
+    from cvdeploy.evaluate.accuracy import primary_key
+
+    return primary_key(task)
+
+
+def drop_key(task: str) -> str:
+    """Where a variant's drop against onnx-fp32 is recorded: `map50_95_drop_points` or `top1_drop_points`."""
+    return f"{accuracy_key(task)}_drop_points"
 
 
 # -- calibration and conversion -------------------------------------------------------------------
 
 
 def calibration_tensors(bundle: Bundle, data: str | os.PathLike[str], n: int) -> list[np.ndarray]:
-    """`n` training images (val if the set has no train split) through the bundle's own preprocessing, square."""
+    """`n` training images (val if the set has no train split) through the bundle's own preprocessing, square.
+
+    Any task's layout: a YOLO data.yaml (images/train) or a classify dataset (train/<class>/), whose crops go through
+    the classify center crop the manifest records."""
     from dataclasses import replace
 
-    from cvdeploy.evaluate.coco import load_yolo_split
+    from cvdeploy.evaluate.labels import split_images
     from cvdeploy.vision.image import load_image
     from cvdeploy.vision.letterbox import preprocess
 
     if n < 1:
         raise InputError(f"calibration needs at least 1 image, got {n}")
     try:
-        images, _ = load_yolo_split(data, "train")
+        images = split_images(data, "train")
     except InputError:
-        images, _ = load_yolo_split(data, "val")
-    if not images:
-        raise InputError(f"{data}: no images to calibrate on")
+        images = split_images(data, "val")
     spec = replace(bundle.manifest.preprocess.letterbox(), rect=False)
     step = max(1, len(images) // n)
-    return [preprocess([load_image(im.path)], spec)[0] for im in images[::step][:n]]
+    return [preprocess([load_image(path)], spec)[0] for path in images[::step][:n]]
 
 
 def _quantization_noise(fp32: Path, int8: Path, tensors: Sequence[np.ndarray], input_name: str) -> dict[str, float]:
@@ -256,13 +275,31 @@ def _verify(job: _Job, name: str, target: Path) -> _Checked:
                       size_bytes=sum(f.stat().st_size for f in [target, *(job.root / c for c in companions)]),
                       companions=companions, parity=parity, metrics={"box_agreement": round(agreement, 4)})
     if problem is None and job.data is not None:
-        job.step(name, "mAP")
-        variant.metrics.update(map_of(_with_variant(job.bundle, name, variant), name, job.data))
-        drop = 100.0 * (job.bundle.manifest.variants["onnx-fp32"].metrics["map50_95"] - variant.metrics["map50_95"])
-        variant.metrics["map50_95_drop_points"] = round(drop, 3)
-        if drop > job.max_map_drop:
-            problem = f"mAP50-95 drops by {drop:.2f} points (budget {job.max_map_drop:g})"
+        problem = _accuracy_check(job, name, variant)
     return _Checked(variant, problem)
+
+
+def _accuracy_check(job: _Job, name: str, variant: Variant) -> str | None:
+    return accuracy_check(job.bundle, name, variant, job.data, job.max_map_drop, job.step)  # type: ignore[arg-type]
+
+
+def accuracy_check(bundle: Bundle, name: str, variant: Variant, data: str | os.PathLike[str], budget: float,
+                   step: Callable[[str, str], None] | None = None) -> str | None:
+    """The variant's accuracy on the controlled set, recorded in `variant.metrics`; the problem when it drops more than
+    `budget` points against the bundle's onnx-fp32, in the task's own figure (mask, keypoint or rotated-box
+    mAP50-95, top-1: 1 point = 0.01). Every kind of variant (ONNX, OpenVINO, edge, compressed) is held to it."""
+    from cvdeploy.evaluate.accuracy import LABELS
+
+    task = bundle.manifest.task
+    key = accuracy_key(task)
+    if step is not None:
+        step(name, LABELS.get(task, "accuracy"))
+    variant.metrics.update(map_of(with_variant(bundle, name, variant), name, data))
+    drop = 100.0 * (bundle.manifest.variants["onnx-fp32"].metrics[key] - variant.metrics[key])
+    variant.metrics[drop_key(task)] = round(drop, 3)
+    if drop > budget:
+        return f"{LABELS.get(task, key)} drops by {drop:.2f} points (budget {budget:g})"
+    return None
 
 
 def _repair_order(job: _Job, target: Path, float_nodes: Sequence[str]) -> list[str]:
@@ -324,7 +361,8 @@ def _onnx_int8(job: _Job, outcome: Outcome, recipes: Sequence[Any], repair_round
         candidates = [{"recipe": r.name, "verified": checked[r.name].problem is None, "problem": checked[r.name].problem,
                        "float_nodes": len(floats[r.name]),
                        "max_abs_scores": _worst_scores(checked[r.name].variant),
-                       **{k: checked[r.name].variant.metrics[k] for k in ("box_agreement", "map50_95", "map50_95_drop_points")
+                       **{k: checked[r.name].variant.metrics[k] for k in ("box_agreement", "map50_95", "map50_95_drop_points",
+                                                                          "top1", "top1_drop_points")
                           if k in checked[r.name].variant.metrics},
                        **({"latency_ms_b1": round(latencies[r.name], 3),
                            "speedup_vs_fp32": round(latencies["onnx-fp32"] / latencies[r.name], 3)} if r.name in latencies else {})}
@@ -394,14 +432,15 @@ def add_variants(
 ) -> list[Outcome]:
     """Make, verify and add the variants `names` to the bundle at `bundle_path`; return what happened to each.
 
-    `max_map_drop` is in mAP50-95 points (1.0 = 0.01). `quantize_head=True` quantizes the YOLO
+    `max_map_drop` is in points (1.0 = 0.01) of the task's figure: box mAP50-95 (detect), mask mAP50-95 (segment),
+    keypoint OKS mAP50-95 (pose), rotated-box mAP50-95 (obb), top-1 (classify). `quantize_head=True` quantizes the YOLO
     head's decoding too (a bad idea, kept to show that the guard catches it). `int8_recipes`
     restricts the INT8 recipes tried (default: all, in the order this CPU's flags suggest;
     `cpu_flags` defaults to this CPU's). `timer(label, call) -> ms` replaces the wall clock for every latency
     (tests inject timings). A variant already in the bundle is rebuilt.
     """
     from cvdeploy.bench.latency import measure_here, store_record
-    from cvdeploy.build.profile_step import write_profile
+    from cvdeploy.build.profile_step import profile_note, write_profile
     from cvdeploy.build.quantize import recipe_candidates
 
     t_start = time.perf_counter()
@@ -416,17 +455,13 @@ def add_variants(
     needs_data = [n for n in names if ALL_VARIANTS[n] == "int8"]
     if needs_data and data is None:
         raise InputError(f"{', '.join(needs_data)} needs --data DATA.yaml: its images calibrate the quantization and its labels "
-                         "check the mAP")
+                         "check the accuracy (mAP, or top-1 for a classifier: pass its dataset directory)")
     if max_map_drop < 0:
         raise InputError(f"max-map-drop must be >= 0 points, got {max_map_drop}")
     recipes = recipe_candidates(flags, calib_method, int8_recipes)
     bundle = Bundle.load(bundle_path)
     if bundle.root is None:
         raise InputError(f"{bundle_path} is a plain .onnx file; variants are added to a bundle directory")
-    if data is not None and bundle.manifest.task == "classify":
-        # --data scores box mAP and calibrates from a YOLO detection split; a classifier has neither boxes nor such labels.
-        raise InputError(f"{bundle.name!r} is a classify bundle: --data (mAP, INT8 calibration, data profile) reads "
-                         "detection labels; add its variants without --data (onnx-fp16, openvino-fp32, openvino-bf16)")
     root = bundle.root
     if "onnx-fp32" not in bundle.manifest.variants:
         raise BundleError(f"bundle {bundle.name!r} has no onnx-fp32 variant to derive variants from")
@@ -437,10 +472,15 @@ def add_variants(
     # The reference figures: the FP32 variant on this machine and the controlled set.
     base = manifest.variants["onnx-fp32"]
     if data is not None:
-        step("onnx-fp32", "mAP")
+        from cvdeploy.evaluate.accuracy import LABELS
+
+        step("onnx-fp32", LABELS.get(manifest.task, "accuracy"))
         base.metrics.update(map_of(bundle, "onnx-fp32", data))
-        step("onnx-fp32", "data profile")  # the drift baseline: profile.json, listed in the manifest
-        write_profile(bundle, data)
+        if profile_note(manifest.task) is None:
+            step("onnx-fp32", "data profile")  # the drift baseline: profile.json, listed in the manifest
+            write_profile(bundle, data)
+        else:
+            step("onnx-fp32", f"no data profile: {profile_note(manifest.task)}")
     bundle.save_manifest()
     outcomes = [Outcome("onnx-fp32", True, "reference", base)]
     job = _Job(bundle, data, calib_images, max_map_drop, quantize_head, step, timer)

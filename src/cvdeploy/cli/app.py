@@ -107,6 +107,7 @@ def main() -> None:
         data,
         demo,
         doctor,
+        evaluate,
         fleet,
         info,
         package,

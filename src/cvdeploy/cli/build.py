@@ -58,7 +58,7 @@ def build(
     int8 = [v for v in wanted if v.endswith("-int8")]
     if int8 and data is None:
         raise fail(f"{', '.join(int8)} needs --data DATA.yaml (calibration images and the mAP check)")
-    if data is not None and not data.is_file():
+    if data is not None and not (data.is_file() or data.is_dir()):
         raise fail(f"--data: {data} not found")
     flags = list(cpu_info().get("flags", []))  # type: ignore[call-overload]
     for v in wanted:  # before the slow export

@@ -2,7 +2,8 @@
 
 Re-checks every hash, re-runs the golden parity of every variant with this machine's engine
 (re-export integrity: another ONNX Runtime, another CPU, another provider) and, given the
-controlled dataset, re-measures each variant's mAP against the figure recorded at build time.
+controlled dataset, re-measures each variant's accuracy against the figure recorded at build time, in the task's own
+figure (box, mask, keypoint or rotated-box mAP50-95, or top-1: `cvdeploy.evaluate.accuracy`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ class VariantCheck:
     recorded_max_abs_scores: float | None
     tolerance: float
     box_agreement: float
-    map50_95: float | None = None
-    recorded_map50_95: float | None = None
+    accuracy: float | None = None  # the task's figure measured here (`metric` names it)
+    recorded_accuracy: float | None = None  # the same figure recorded at build
+    metric: str | None = None  # e.g. "mask mAP50-95", "top-1"
     engine_precision: str | None = None  # what the engine reported here
     recorded_engine_precision: str | None = None  # what it reported when the variant was verified at build
     problems: list[str] = field(default_factory=list)
@@ -39,7 +41,10 @@ class VariantCheck:
         return {"variant": self.name, "provider": self.provider, "ok": self.ok, "problems": self.problems,
                 "max_abs_scores": self.max_abs_scores, "recorded_max_abs_scores": self.recorded_max_abs_scores,
                 "tolerance": self.tolerance, "box_agreement": self.box_agreement,
-                "map50_95": self.map50_95, "recorded_map50_95": self.recorded_map50_95,
+                "metric": self.metric, "accuracy": self.accuracy, "recorded_accuracy": self.recorded_accuracy,
+                # the names of before every task had its figure: the same values, for readers of those keys
+                "map50_95": self.accuracy if self.metric != "top-1" else None,
+                "recorded_map50_95": self.recorded_accuracy if self.metric != "top-1" else None,
                 "engine_precision": self.engine_precision, "recorded_engine_precision": self.recorded_engine_precision,
                 "differences": self.differences}
 
@@ -75,8 +80,8 @@ def verify_bundle(
 ) -> list[VariantCheck]:
     """Check every variant; raise BundleError (naming the file) when a hash does not hold.
 
-    `map_tolerance` is in mAP50-95 points: a variant whose mAP is that much below its recorded
-    figure has drifted.
+    `map_tolerance` is in points (0.01) of the task's figure: a variant whose accuracy is that much below its
+    recorded figure has drifted.
     """
     from cvdeploy.bundle.environment import cpu_info
     from cvdeploy.runtime.onnxruntime import resolve_providers
@@ -113,21 +118,30 @@ def verify_bundle(
         if problem:
             check.problems.append(f"golden parity on {provider}: {problem}")
         if data is not None:
-            from cvdeploy.evaluate import evaluate_detect
-            from cvdeploy.predict import Predictor
-
-            step(name, "mAP")
-            with Predictor(bundle, name, model_key=model_key) as p:
-                check.map50_95 = round(evaluate_detect(p, data).map50_95, 5)
-            check.recorded_map50_95 = v.metrics.get("map50_95")
-            if check.recorded_map50_95 is not None:
-                drift = 100.0 * (check.recorded_map50_95 - check.map50_95)
-                if drift > map_tolerance:
-                    check.problems.append(f"mAP50-95 {check.map50_95:.4f} is {drift:.2f} points below the "
-                                          f"{check.recorded_map50_95:.4f} recorded at build time (tolerance {map_tolerance:g})")
+            _accuracy(check, bundle, name, v, data, map_tolerance, model_key, step)
         if check.problems and check.differences:  # name the likely cause with the symptom
             check.problems = [f"{p} (likely cause: {check.differences[0]})" for p in check.problems]
         checks.append(check)
     return checks
 
 
+
+
+def _accuracy(check: VariantCheck, bundle: Bundle, name: str, v: Any, data: str | os.PathLike[str], tolerance: float,
+              model_key: bytes | None, step: Callable[[str, str], None]) -> None:
+    """Re-measure the variant's task figure on `data`; a problem when it is `tolerance` points below the recorded one."""
+    from cvdeploy.evaluate import evaluate
+    from cvdeploy.evaluate.accuracy import LABELS, primary_key
+    from cvdeploy.predict import Predictor
+
+    task = bundle.manifest.task
+    check.metric = LABELS.get(task, "accuracy")
+    step(name, check.metric)
+    with Predictor(bundle, name, model_key=model_key) as p:
+        check.accuracy = round(evaluate(p, data).score, 5)
+    check.recorded_accuracy = v.metrics.get(primary_key(task))
+    if check.recorded_accuracy is not None:
+        drift = 100.0 * (check.recorded_accuracy - check.accuracy)
+        if drift > tolerance:
+            check.problems.append(f"{check.metric} {check.accuracy:.4f} is {drift:.2f} points below the "
+                                  f"{check.recorded_accuracy:.4f} recorded at build time (tolerance {tolerance:g})")
