@@ -23,25 +23,33 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cvdeploy.bundle.bundle import Bundle, set_bundle_modes, sha256_file
+from cvdeploy.build.int8_search import onnx_int8_search
+from cvdeploy.build.variant_checks import accuracy_check, accuracy_key, calibration_tensors, drop_key, map_of, with_variant
+from cvdeploy.build.variant_job import (
+    ALL_VARIANTS,
+    ONNX_VARIANTS,
+    OPENVINO_VARIANTS,
+    Checked,
+    Outcome,
+    VariantJob,
+    file_of,
+    verify_made,
+)
+from cvdeploy.bundle.bundle import Bundle, set_bundle_modes
 from cvdeploy.bundle.card import write_card
 from cvdeploy.bundle.environment import BF16_FLAGS, cpu_info
-from cvdeploy.bundle.manifest import Variant
 from cvdeploy.errors import BundleError, InputError
-from cvdeploy.evaluate.parity import golden_check
 
-ONNX_VARIANTS = {"onnx-fp32": "fp32", "onnx-fp16": "fp16", "onnx-int8": "int8"}
-OPENVINO_VARIANTS = {"openvino-fp32": "fp32", "openvino-bf16": "bf16", "openvino-int8": "int8"}
-ALL_VARIANTS = {**ONNX_VARIANTS, **OPENVINO_VARIANTS}
+__all__ = ["ALL_VARIANTS", "ONNX_VARIANTS", "OPENVINO_VARIANTS", "Outcome", "accuracy_check", "accuracy_key",
+           "add_variants", "calibration_tensors", "default_variants", "drop_key", "map_of", "not_offered",
+           "with_variant", "write_report"]
 
 
 def default_variants(have_data: bool) -> list[str]:
@@ -71,110 +79,7 @@ def not_offered(name: str, cpu_flags: Sequence[str]) -> str | None:
     return None
 
 
-@dataclass
-class Outcome:
-    """What happened to one requested variant."""
-
-    name: str
-    written: bool
-    reason: str
-    variant: Variant | None = None
-    tried: list[str] = field(default_factory=list)  # INT8 candidates and repair rounds
-
-
-# -- measurements ----------------------------------------------------------------------------------
-
-
-def with_variant(bundle: Bundle, name: str, variant: Variant) -> Bundle:
-    """The bundle as if `variant` were recorded under `name` (in memory; nothing is written)."""
-    manifest = bundle.manifest.model_copy(update={"variants": {**bundle.manifest.variants, name: variant}})
-    return Bundle(manifest, bundle.root)
-
-
-def map_of(bundle: Bundle, name: str, data: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    """The variant's accuracy figures on the controlled set, by the bundle's task (`cvdeploy.evaluate.evaluate`):
-    detect {map50_95, map50}; segment, pose and obb also their box/mask/pose keys, `map50_95` being the task's own
-    figure; classify {top1, top5}."""
-    from cvdeploy.evaluate import evaluate
-    from cvdeploy.predict import Predictor
-
-    with Predictor(bundle, name) as p:
-        m = evaluate(p, data, progress=progress)
-    return {k: round(v, 5) for k, v in m.values.items()}
-
-
-def accuracy_key(task: str) -> str:
-    """The metrics key the budget holds for `task`: `map50_95` (each box task's own mAP) or `top1` (classify)."""
-    from cvdeploy.evaluate.accuracy import primary_key
-
-    return primary_key(task)
-
-
-def drop_key(task: str) -> str:
-    """Where a variant's drop against onnx-fp32 is recorded: `map50_95_drop_points` or `top1_drop_points`."""
-    return f"{accuracy_key(task)}_drop_points"
-
-
-# -- calibration and conversion -------------------------------------------------------------------
-
-
-def calibration_tensors(bundle: Bundle, data: str | os.PathLike[str], n: int) -> list[np.ndarray]:
-    """`n` training images (val if the set has no train split) through the bundle's own preprocessing, square.
-
-    Any task's layout: a YOLO data.yaml (images/train) or a classify dataset (train/<class>/), whose crops go through
-    the classify center crop the manifest records."""
-    from dataclasses import replace
-
-    from cvdeploy.evaluate.labels import split_images
-    from cvdeploy.vision.image import load_image
-    from cvdeploy.vision.letterbox import preprocess
-
-    if n < 1:
-        raise InputError(f"calibration needs at least 1 image, got {n}")
-    try:
-        images = split_images(data, "train")
-    except InputError:
-        images = split_images(data, "val")
-    spec = replace(bundle.manifest.preprocess.letterbox(), rect=False)
-    step = max(1, len(images) // n)
-    return [preprocess([load_image(path)], spec)[0] for path in images[::step][:n]]
-
-
-def _quantization_noise(fp32: Path, int8: Path, tensors: Sequence[np.ndarray], input_name: str) -> dict[str, float]:
-    """SQNR (dB) of each quantized activation: low means the INT8 grid loses much of that tensor."""
-    from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations,
-        compute_activation_error,
-        create_activation_matching,
-        modify_model_output_intermediate_tensors,
-    )
-
-    from cvdeploy.build.quantize import _Calibration
-
-    with tempfile.TemporaryDirectory(prefix="cvdeploy-qerr-") as tmp:
-        f_aug, q_aug = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
-        modify_model_output_intermediate_tensors(str(fp32), str(f_aug))
-        modify_model_output_intermediate_tensors(str(int8), str(q_aug))
-        sample = list(tensors[:4])
-        f_act = collect_activations(str(f_aug), _Calibration(input_name, sample))
-        q_act = collect_activations(str(q_aug), _Calibration(input_name, sample))
-    matching = create_activation_matching(q_act, f_act)
-    errors = compute_activation_error(matching)
-    return {name: float(e.get("qdq_err", np.inf)) for name, e in errors.items() if "qdq_err" in e}
-
-
-def _producer_map(model_path: Path) -> dict[str, str]:
-    """Tensor name -> the name of the node that produces it."""
-    import onnx
-
-    return {out: n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node for out in n.output}
-
-
-# -- making, verifying and repairing one variant -----------------------------------------------------
-
-
-def _file_of(name: str) -> str:
-    return f"variants/{name}/model.xml" if name in OPENVINO_VARIANTS else f"variants/{name}.onnx"
+# -- making one variant ---------------------------------------------------------------------------
 
 
 def _remove(root: Path, name: str) -> None:
@@ -215,196 +120,18 @@ def _openvino(fp32: Path, out_xml: Path, calib: Sequence[np.ndarray] | None, flo
     ov.save_model(model, str(out_xml), compress_to_fp16=False)
 
 
-@dataclass
-class _Job:
-    """What every variant of one `add_variants` call shares."""
-
-    bundle: Bundle
-    data: str | os.PathLike[str] | None
-    calib_images: int
-    max_map_drop: float
-    quantize_head: bool
-    step: Callable[[str, str], None]
-    timer: Any = None  # bench.latency's timer; tests inject timings through it
-    _calib: list[np.ndarray] = field(default_factory=list)
-    _head: list[str] | None = None
-
-    @property
-    def root(self) -> Path:
-        assert self.bundle.root is not None
-        return self.bundle.root
-
-    @property
-    def fp32(self) -> Path:
-        return self.bundle.variant_path("onnx-fp32")
-
-    def calib(self, name: str) -> list[np.ndarray]:
-        if not self._calib:
-            self.step(name, "calibration images")
-            self._calib = calibration_tensors(self.bundle, self.data, self.calib_images)  # type: ignore[arg-type]
-        return self._calib
-
-    def head_nodes(self) -> list[str]:
-        if self._head is None:
-            import onnx
-
-            from cvdeploy.build.quantize import head_float_nodes
-
-            self._head = head_float_nodes(onnx.load(str(self.fp32), load_external_data=False))
-        return self._head
-
-
-@dataclass
-class _Checked:
-    """A made variant file and what its verification found."""
-
-    variant: Variant
-    problem: str | None
-
-
-def _verify(job: _Job, name: str, target: Path) -> _Checked:
-    """Golden parity (raw outputs and boxes) and, with data, the mAP budget; the variant's record either way."""
-    precision = ALL_VARIANTS[name]
-    kind = "openvino" if name in OPENVINO_VARIANTS else "onnxruntime"
-    job.step(name, "golden parity")
-    parity, agreement, problem = golden_check(job.bundle, target, precision, engine_kind=kind)
-    companions = {} if kind == "onnxruntime" else {
-        str(target.with_suffix(".bin").relative_to(job.root)): sha256_file(target.with_suffix(".bin"))}
-    variant = Variant(file=str(target.relative_to(job.root)), format="openvino" if kind == "openvino" else "onnx",  # type: ignore[arg-type]
-                      precision=precision, engine=kind, sha256=sha256_file(target),  # type: ignore[arg-type]
-                      size_bytes=sum(f.stat().st_size for f in [target, *(job.root / c for c in companions)]),
-                      companions=companions, parity=parity, metrics={"box_agreement": round(agreement, 4)})
-    if problem is None and job.data is not None:
-        problem = _accuracy_check(job, name, variant)
-    return _Checked(variant, problem)
-
-
-def _accuracy_check(job: _Job, name: str, variant: Variant) -> str | None:
-    return accuracy_check(job.bundle, name, variant, job.data, job.max_map_drop, job.step)  # type: ignore[arg-type]
-
-
-def accuracy_check(bundle: Bundle, name: str, variant: Variant, data: str | os.PathLike[str], budget: float,
-                   step: Callable[[str, str], None] | None = None) -> str | None:
-    """The variant's accuracy on the controlled set, recorded in `variant.metrics`; the problem when it drops more than
-    `budget` points against the bundle's onnx-fp32, in the task's own figure (mask, keypoint or rotated-box
-    mAP50-95, top-1: 1 point = 0.01). Every kind of variant (ONNX, OpenVINO, edge, compressed) is held to it."""
-    from cvdeploy.evaluate.accuracy import LABELS
-
-    task = bundle.manifest.task
-    key = accuracy_key(task)
-    if step is not None:
-        step(name, LABELS.get(task, "accuracy"))
-    variant.metrics.update(map_of(with_variant(bundle, name, variant), name, data))
-    drop = 100.0 * (bundle.manifest.variants["onnx-fp32"].metrics[key] - variant.metrics[key])
-    variant.metrics[drop_key(task)] = round(drop, 3)
-    if drop > budget:
-        return f"{LABELS.get(task, key)} drops by {drop:.2f} points (budget {budget:g})"
-    return None
-
-
-def _repair_order(job: _Job, target: Path, float_nodes: Sequence[str]) -> list[str]:
-    """Quantized nodes, worst quantization noise (lowest SQNR) first, not yet in float."""
-    noise = _quantization_noise(job.fp32, target, job.calib("onnx-int8"), job.bundle.manifest.input.name)
-    producer = _producer_map(job.fp32)
-    ordered: list[str] = []
-    for tensor, _ in sorted(noise.items(), key=lambda kv: kv[1]):
-        node = producer.get(tensor)
-        if node and node not in float_nodes and node not in ordered:
-            ordered.append(node)
-    return ordered
-
-
-def _onnx_int8(job: _Job, outcome: Outcome, recipes: Sequence[Any], repair_rounds: int, layers_per_round: int) -> _Checked:
-    """Every recipe made and verified; the survivors timed interleaved with onnx-fp32; the fastest kept.
-
-    When none survives, the first recipe is repaired (worst-quantized tensors back to float, round by round).
-    """
-    from cvdeploy.bench.latency import interleaved_latency
-    from cvdeploy.build.quantize import quantize_int8
-
-    name = "onnx-int8"
-    calib = job.calib(name)
-    base_float = [] if job.quantize_head else list(job.head_nodes())
-    stage = Path(tempfile.mkdtemp(prefix=".int8-", dir=job.root / "variants"))
-    try:
-        checked: dict[str, _Checked] = {}
-        floats: dict[str, list[str]] = {}
-        for recipe in recipes:
-            target = stage / f"{recipe.name}.onnx"
-            job.step(name, f"quantize · {recipe.name}")
-            quantize_int8(job.fp32, target, calib, recipe, float_nodes=base_float)
-            checked[recipe.name], floats[recipe.name] = _verify(job, name, target), list(base_float)
-            outcome.tried.append(f"{recipe.name}: {len(base_float)} node(s) in float: " + (checked[recipe.name].problem or "ok"))
-        first = recipes[0]
-        for round_ in range(1, repair_rounds + 1):
-            if any(c.problem is None for c in checked.values()):
-                break
-            # Accuracy-aware repair of the first candidate: the worst-quantized tensors go back to float.
-            job.step(name, f"repair {round_}/{repair_rounds} · {first.name}: rank tensors by quantization noise")
-            target = stage / f"{first.name}.onnx"
-            ordered = _repair_order(job, target, floats[first.name])
-            if not ordered:
-                break
-            floats[first.name] = floats[first.name] + ordered[:layers_per_round]
-            quantize_int8(job.fp32, target, calib, first, float_nodes=floats[first.name])
-            checked[first.name] = _verify(job, name, target)
-            outcome.tried.append(f"{first.name} repair round {round_}: {len(floats[first.name])} node(s) in float: "
-                                 + (checked[first.name].problem or "ok"))
-        survivors = [r for r in recipes if checked[r.name].problem is None]
-        latencies: dict[str, float] = {}
-        if survivors:
-            job.step(name, f"time {len(survivors)} verified recipe(s) against onnx-fp32, interleaved")
-            golden = next(job.bundle.golden())
-            models = {"onnx-fp32": (job.fp32, "onnxruntime", "fp32"),
-                      **{r.name: (stage / f"{r.name}.onnx", "onnxruntime", "int8") for r in survivors}}
-            latencies = interleaved_latency(models, golden.input[:1], **({"timer": job.timer} if job.timer else {}))
-        candidates = [{"recipe": r.name, "verified": checked[r.name].problem is None, "problem": checked[r.name].problem,
-                       "float_nodes": len(floats[r.name]),
-                       "max_abs_scores": _worst_scores(checked[r.name].variant),
-                       **{k: checked[r.name].variant.metrics[k] for k in ("box_agreement", "map50_95", "map50_95_drop_points",
-                                                                          "top1", "top1_drop_points")
-                          if k in checked[r.name].variant.metrics},
-                       **({"latency_ms_b1": round(latencies[r.name], 3),
-                           "speedup_vs_fp32": round(latencies["onnx-fp32"] / latencies[r.name], 3)} if r.name in latencies else {})}
-                      for r in recipes]
-        if not survivors:
-            worst = checked[first.name]
-            return _Checked(worst.variant, worst.problem)
-        winner = min(survivors, key=lambda r: latencies[r.name])
-        final = job.root / _file_of(name)
-        (stage / f"{winner.name}.onnx").replace(final)
-        result = checked[winner.name].variant
-        result.file, result.sha256 = _file_of(name), sha256_file(final)
-        why = (f"fastest of {len(survivors)} verified recipe(s) on this machine: {latencies[winner.name]:.2f} ms against "
-               f"{latencies['onnx-fp32']:.2f} ms for onnx-fp32 ({latencies['onnx-fp32'] / latencies[winner.name]:.2f}x), "
-               "interleaved at batch 1")
-        cpu = cpu_info()
-        result.quantization = {**winner.to_dict(), "recipe": winner.name, "why": why, "candidates": candidates,
-                               "calib_images": len(calib), "head_in_float": not job.quantize_head,
-                               "float_nodes": len(floats[winner.name]), "cpu": cpu.get("model"), "cpu_flags": cpu.get("flags")}
-        return _Checked(result, None)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _worst_scores(v: Variant) -> float | None:
-    if v.parity is None:
-        return None
-    return round(v.parity.worst, 5)
-
-
-def _one(job: _Job, name: str) -> _Checked:
+def _one(job: VariantJob, name: str) -> Checked:
     """onnx-fp16 and the OpenVINO variants: made once, verified."""
     from cvdeploy.build.quantize import convert_fp16
 
     precision = ALL_VARIANTS[name]
-    target = job.root / _file_of(name)
+    target = job.root / file_of(name)
     job.step(name, "convert" if precision != "int8" else "quantize")
     if name == "onnx-fp16":
         convert_fp16(job.fp32, target)
     else:
         _openvino(job.fp32, target, job.calib(name) if precision == "int8" else None, float_head=not job.quantize_head)
-    checked = _verify(job, name, target)
+    checked = verify_made(job, name, target)
     if precision == "int8" and checked.problem is None:
         checked.variant.quantization = {"tool": "nncf", "preset": "mixed", "calib_images": len(job.calib(name)),
                                         "head_in_float": not job.quantize_head}
@@ -483,7 +210,7 @@ def add_variants(
             step("onnx-fp32", f"no data profile: {profile_note(manifest.task)}")
     bundle.save_manifest()
     outcomes = [Outcome("onnx-fp32", True, "reference", base)]
-    job = _Job(bundle, data, calib_images, max_map_drop, quantize_head, step, timer)
+    job = VariantJob(bundle, data, calib_images, max_map_drop, quantize_head, step, timer)
 
     for name in dict.fromkeys(names):  # keep the order, drop repeats
         if name == "onnx-fp32":
@@ -496,7 +223,7 @@ def add_variants(
         outcome = Outcome(name, False, "")
         outcomes.append(outcome)
         try:
-            checked = (_onnx_int8(job, outcome, recipes, repair_rounds, layers_per_round) if name == "onnx-int8"
+            checked = (onnx_int8_search(job, outcome, recipes, repair_rounds, layers_per_round) if name == "onnx-int8"
                        else _one(job, name))
         except BaseException:
             _remove(root, name)
