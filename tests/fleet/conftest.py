@@ -5,6 +5,7 @@ cuts a download once."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import socket
@@ -223,7 +224,13 @@ def stop(process: subprocess.Popen[str]) -> None:
 def server(tmp_path_factory: pytest.TempPathFactory, versions: Versions, publisher: Publisher) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("update-server")
     # The first publish pins the key; the server makes the fleet token at its first start.
-    assert cli("fleet", "publish", versions.v1, "--root", root, "--key", publisher.public).returncode == 0
+    p = cli("fleet", "publish", versions.v1, "--root", root, "--key", publisher.public, "--json")
+    assert p.returncode == 0, p.stderr
+    channel = json.loads(p.stdout)  # --json: the channel document alone on stdout
+    manifest = (versions.v1 / "manifest.json").read_bytes()
+    assert channel["manifest_sha256"] == hashlib.sha256(manifest).hexdigest(), channel
+    shas = {f["sha256"] for f in channel["files"]}
+    assert {hashlib.sha256((versions.v1 / "variants" / f).read_bytes()).hexdigest() for f in ("onnx-fp32.onnx", "onnx-fp16.onnx")} <= shas
     s = start_server(root)
     yield s
     stop(s.process)

@@ -68,3 +68,19 @@ def test_errors_are_one_line(tmp_path: Path, make_version: MakeVersion) -> None:
     one_line_error(cli("registry", "resolve", "yolo11n-shapes", "5", registry=reg), "unknown version 5")
     one_line_error(cli("registry", "resolve", "yolo11n-shapes", "production", registry=reg), "unknown alias 'production'")
     one_line_error(cli("registry", "rollback", "yolo11n-shapes", "latest", registry=reg), "'latest' is not an alias")
+
+
+def test_every_registry_command_answers_json_alone_on_stdout(tmp_path: Path, make_version: MakeVersion) -> None:
+    reg = tmp_path / "reg" / "registry.db"
+    first = json.loads(cli("registry", "register", make_version("one"), "--json", registry=reg).stdout)
+    p = cli("registry", "promote", "yolo11n-shapes", "staging", "1", "--json", registry=reg)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) | {"at": None, "by": None} == {"model": "yolo11n-shapes", "alias": "staging", "action": "promote",
+                                                               "version": 1, "previous": None, "changed": True, "at": None,
+                                                               "by": None}
+    resolved = json.loads(cli("registry", "resolve", "yolo11n-shapes", "staging", "--json", registry=reg).stdout)
+    assert resolved["path"] == first["path"] and resolved["version"] == 1
+    shown = json.loads(cli("registry", "show", "yolo11n-shapes", "1", "--json", registry=reg).stdout)
+    assert shown["version"] == 1 and shown["lineage"]["manifest_sha256"] == first["lineage"]["manifest_sha256"]
+    history = json.loads(cli("registry", "history", "yolo11n-shapes", "--json", registry=reg).stdout)
+    assert [(e["action"], e["alias"], e["version"]) for e in history] == [("promote", "staging", 1)]

@@ -108,6 +108,7 @@ class Variant(_Model):
     parity: ParityReport | None = None
     metrics: dict[str, float] = Field(default_factory=dict)  # map50_95, map50, latency_ms_b1, box_agreement, ...
     quantization: dict[str, Any] | None = None  # INT8: the recipe, every candidate tried with its figures, and why it won
+    training: dict[str, Any] | None = None  # cvdeploy compress: method, data, epochs, seed, wall time, pruning figures
     encryption: dict[str, Any] | None = None  # protected bundles: AES-256-GCM nonce, plaintext hash (never the key)
 
 

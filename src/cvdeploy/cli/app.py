@@ -96,29 +96,22 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Every module that registers commands on `app`, imported by `main` (and by tests that walk the whole command tree).
+COMMAND_MODULES = ("audit", "bench", "build", "card", "client", "compress", "data", "demo", "doctor", "evaluate", "fleet",
+                   "info", "package", "predict", "protect", "registry", "security", "serve", "sign", "verify")
+
+
+def register_commands() -> None:
+    """Import every command module, so that each registers its commands on `app`."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"cvdeploy.cli.{name}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit code."""
-    from cvdeploy.cli import (  # noqa: F401  (register the commands)
-        audit,
-        bench,
-        build,
-        card,
-        client,
-        data,
-        demo,
-        doctor,
-        evaluate,
-        fleet,
-        info,
-        package,
-        predict,
-        protect,
-        registry,
-        security,
-        serve,
-        sign,
-        verify,
-    )
+    register_commands()
 
     debug = _debug()
     try:

@@ -106,7 +106,10 @@ def verify_bundle(
 
             report, agreement, problem = edge_golden_check(bundle, model, v.engine, v.precision)
         else:
-            report, agreement, problem = golden_check(bundle, model, v.precision, providers or None, engine_kind=v.engine)
+            from cvdeploy.build.compress.common import own_golden  # compressed variants: their own torch model's outputs
+
+            report, agreement, problem = golden_check(own_golden(bundle, name), model, v.precision, providers or None,
+                                                      engine_kind=v.engine)
         worst = report.worst
         recorded = None
         if v.parity is not None:

@@ -79,6 +79,7 @@ def bundle_report(manifest: Any, outcomes: Sequence[Any] = (), wall_s: float | N
     env = manifest.environment or {}
     cpu = env.get("cpu", {}) if isinstance(env, dict) else {}
     int8 = _int8_candidates(manifest)
+    trained = _training_records(manifest)
     packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages", {}) if isinstance(env, dict) else {}).items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(manifest.name)}: build report</title>
 <style>{CSS}</style></head><body>
@@ -97,6 +98,7 @@ batch 1, on the build machine ({e(str(cpu.get('model', '?')))}, flags {e(' '.joi
 <h2>Accuracy against latency</h2>
 {scatter_svg(points)}
 {int8}
+{trained}
 {'<h2>What the build tried</h2><ul>' + tried + '</ul>' if tried else ''}
 <h2>Environment</h2><p class=muted>Python {e(str(env.get('python', '?')))}; {e(packages)}</p>
 </body></html>
@@ -108,6 +110,18 @@ def ran_at(v: Any) -> str:
     if v.parity is None or v.parity.engine_precision is None:
         return "-"
     return v.precision if v.parity.engine_precision == "as stored" else v.parity.engine_precision
+
+
+def _training_records(manifest: Any) -> str:
+    """Compressed variants (cvdeploy compress): how each was trained."""
+    e = html.escape
+    keys = ("method", "data", "epochs", "seed", "imgsz", "wall_time_s", "macs_ratio", "params_ratio", "teacher", "student")
+    rows = "".join(f"<tr><td>{e(n)}</td>" + "".join(f"<td>{e(str(v.training.get(k, '-')))}</td>" for k in keys) + "</tr>"
+                   for n, v in manifest.variants.items() if getattr(v, "training", None))
+    if not rows:
+        return ""
+    return ("<h2>Compressed variants: training</h2><table><tr><th>variant</th>"
+            + "".join(f"<th>{k}</th>" for k in keys) + f"</tr>{rows}</table>")
 
 
 def _int8_candidates(manifest: Any) -> str:

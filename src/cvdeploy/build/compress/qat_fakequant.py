@@ -1,0 +1,230 @@
+"""Fake quantization in torch that mirrors one ONNX Runtime static QDQ recipe, node for node where it matters.
+
+QAT is only worth its time if the quantization the network trains under is the one it is deployed with. The deployed
+graph is made by `cvdeploy.build.quantize.quantize_int8` (ONNX Runtime, QDQ), so the torch side copies its arithmetic:
+weights symmetric max-abs (per channel or per tensor, 7-bit with `reduce_range`), activations min/max-calibrated
+(asymmetric unless the recipe says otherwise) with ONNX Runtime's own qmin/qmax and zero-point rule. It covers the
+quantized convolutions (input, weight, output) and their SiLU (sigmoid output, product): the tensors ONNX Runtime
+puts a QDQ pair on. The head's decoding stays float, as in the PTQ graph (its convolutions are named float nodes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cvdeploy.build.quantize import Int8Recipe
+
+
+def _qrange(qtype: str, *, reduce_range: bool = False, symmetric: bool = False) -> tuple[int, int]:
+    """ONNX Runtime's integer range for a type (`get_qmin_qmax_for_qType`): the same table, so the same grid."""
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    proto = {"uint8": TensorProto.UINT8, "int8": TensorProto.INT8}[qtype]
+    lo, hi = get_qmin_qmax_for_qType(proto, reduce_range=reduce_range, symmetric=symmetric)
+    return int(lo), int(hi)
+
+
+class ActivationFQ(nn.Module):
+    """One activation tensor: observes its min/max during calibration, then fake-quantizes with ONNX Runtime's
+    `compute_scale_zp` (range widened to hold 0; symmetric when the recipe says so)."""
+
+    def __init__(self, qtype: str, symmetric: bool) -> None:
+        super().__init__()
+        self.qmin, self.qmax = _qrange(qtype, symmetric=symmetric)
+        self.symmetric = symmetric
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.observing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.lo = torch.minimum(self.lo, x.detach().min())
+            self.hi = torch.maximum(self.hi, x.detach().max())
+            return x
+        if not torch.isfinite(self.lo):
+            return x  # never calibrated: this tensor saw no data (an unused branch)
+        scale, zp = self.scale_zero_point()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, self.qmin, self.qmax)
+
+    def scale_zero_point(self) -> tuple[float, int]:
+        lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
+        if self.symmetric:
+            hi = max(abs(lo), abs(hi))
+            lo = -hi
+        scale = (hi - lo) / (self.qmax - self.qmin)
+        if scale <= torch.finfo(torch.float32).tiny:
+            return 1.0, 0
+        zp = round((self.qmin + self.qmax) / 2) if self.symmetric else round(self.qmin - lo / scale)
+        return scale, int(zp)
+
+
+class WeightFQ(nn.Module):
+    """A conv weight, fake-quantized at every step from its current values (symmetric max-abs, as ONNX Runtime's
+    `WeightSymmetric`), with a straight-through gradient. Used as a parametrization: the float weight trains."""
+
+    def __init__(self, recipe: Int8Recipe) -> None:
+        super().__init__()
+        self.per_channel = recipe.per_channel
+        self.qmin, self.qmax = _qrange(recipe.weight_type, reduce_range=recipe.reduce_range, symmetric=True)
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        dims = tuple(range(1, w.dim())) if self.per_channel else tuple(range(w.dim()))
+        absmax = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+        scale = (2 * absmax / (self.qmax - self.qmin)).clamp_min(torch.finfo(torch.float32).tiny)
+        zp = round((self.qmin + self.qmax) / 2)
+        if self.per_channel:
+            zeros = torch.full_like(scale, zp, dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(w, scale, zeros, 0, self.qmin, self.qmax)
+        return torch.fake_quantize_per_tensor_affine(w, float(scale), zp, self.qmin, self.qmax)
+
+
+class QuantSiLU(nn.Module):
+    """SiLU as ONNX exports it (Sigmoid, then Mul), with the two outputs ONNX Runtime quantizes fake-quantized."""
+
+    def __init__(self, qtype: str, symmetric: bool, *, sigmoid: bool = True, product: bool = True) -> None:
+        super().__init__()
+        self.sigmoid_fq = ActivationFQ(qtype, symmetric) if sigmoid else nn.Identity()
+        self.out_fq = ActivationFQ(qtype, symmetric) if product else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_fq(x * self.sigmoid_fq(torch.sigmoid(x)))
+
+
+@dataclass
+class FakeQuant:
+    """The fake-quantizers inserted into a model (for good: the trained float weights come out with `float_state`)."""
+
+    activations: nn.ModuleDict  # every ActivationFQ, keyed by where it sits (its state is part of a checkpoint)
+    convs: list[str]  # quantized conv modules, by name
+    weights: list[WeightFQ]
+
+    def modules(self) -> Iterator[ActivationFQ]:
+        for m in self.activations.modules():
+            if isinstance(m, ActivationFQ):
+                yield m
+
+    @contextmanager
+    def observing(self) -> Iterator[None]:
+        """Calibration as ONNX Runtime does it, on the float model: every quantizer passes values through and the
+        activation quantizers record min/max (from scratch)."""
+        for m in self.modules():
+            m.observing = True
+            m.lo.fill_(float("inf"))
+            m.hi.fill_(float("-inf"))
+        for w in self.weights:
+            w.enabled = False
+        try:
+            yield
+        finally:
+            for m in self.modules():
+                m.observing = False
+            for w in self.weights:
+                w.enabled = True
+
+    def calibrate(self, model: nn.Module, tensors: Iterable[Any]) -> None:
+        """Set every activation range from `tensors` (NCHW float32 arrays), like ONNX Runtime's MinMax calibration."""
+        was_training = model.training
+        model.eval()
+        with self.observing(), torch.no_grad():  # not inference_mode: the ranges are reset in place on the next call
+            for t in tensors:
+                model(torch.from_numpy(t))
+        model.train(was_training)
+
+
+
+def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained float weights of a fake-quantized model, keyed as in the plain model (for export)."""
+    return {k.replace(".parametrizations.weight.original", ".weight"): v for k, v in model.state_dict().items()
+            if not any(part in k for part in ("sigmoid_fq.", "out_fq."))}
+
+
+def torch_key(node_name: str) -> tuple[str, str]:
+    """ONNX node `/model.23/cv2.0/cv2.0.0/conv/Conv` -> (`model.23.cv2.0.0.conv`, `Conv`).
+
+    The exporter names a module's scope by its path from the nearest module that called it, so a child of a called
+    Sequential repeats its parent's name (`cv2.0/cv2.0.0`) while list containers add nothing: a part that extends the
+    previous one replaces it.
+    """
+    *scopes, op = node_name.strip("/").split("/")
+    path: list[str] = []
+    for part in scopes:
+        if path and part.startswith(path[-1] + "."):
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path), op
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Which tensors a QDQ graph quantizes, by the name of the float node around them."""
+
+    inputs: frozenset[str]  # nodes whose first input comes out of a DequantizeLinear
+    outputs: frozenset[str]  # nodes whose output goes into a QuantizeLinear
+    weights: frozenset[str]  # Conv nodes whose weight is quantized
+
+
+def quant_plan(qdq_model: Any) -> QuantPlan:
+    """Read the plan off an ONNX Runtime QDQ graph (the PTQ variant): QDQ keeps the float nodes' names."""
+    producer = {o: n for n in qdq_model.graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in qdq_model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def dq(tensor: str) -> bool:
+        p = producer.get(tensor)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    qdq = {"QuantizeLinear", "DequantizeLinear"}
+    float_nodes = [n for n in qdq_model.graph.node if n.op_type not in qdq]
+    return QuantPlan(
+        inputs=frozenset(n.name for n in float_nodes if n.input and dq(n.input[0])),
+        outputs=frozenset(n.name for n in float_nodes
+                          if any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], []))),
+        weights=frozenset(n.name for n in float_nodes if n.op_type == "Conv" and len(n.input) > 1 and dq(n.input[1])),
+    )
+
+
+def insert_fake_quant(model: nn.Module, recipe: Int8Recipe, plan: QuantPlan) -> FakeQuant:
+    """Fake-quantize a fused (BatchNorm folded) Ultralytics model where `plan` (the PTQ graph) quantizes: conv inputs,
+    weights and outputs, and the SiLU's sigmoid and product. Returns what was inserted."""
+    from torch.nn.utils import parametrize
+
+    qtype, sym = recipe.activation_type, recipe.activation_symmetric
+    inputs, outputs, weights = ({torch_key(n) for n in names} for names in (plan.inputs, plan.outputs, plan.weights))
+    acts = nn.ModuleDict()
+    convs: list[str] = []
+    wfqs: list[WeightFQ] = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Conv2d):
+            continue
+        node, key = (name, "Conv"), name.replace(".", "_")
+        if node in inputs:
+            acts[f"{key}_in"] = ActivationFQ(qtype, sym)
+            module.register_forward_pre_hook(lambda _m, args, fq=acts[f"{key}_in"]: (fq(args[0]),))
+        if node in outputs:
+            acts[f"{key}_out"] = ActivationFQ(qtype, sym)
+            module.register_forward_hook(lambda _m, _a, out, fq=acts[f"{key}_out"]: fq(out))
+        if node in weights:
+            wfqs.append(WeightFQ(recipe))
+            parametrize.register_parametrization(module, "weight", wfqs[-1])
+            convs.append(name)
+        block_name = name.rsplit(".", 1)[0] if "." in name else ""
+        block = model.get_submodule(block_name) if block_name else model
+        sigmoid, product = (f"{block_name}.act", "Sigmoid") in outputs, (f"{block_name}.act", "Mul") in outputs
+        # Ultralytics' Conv blocks share one nn.SiLU instance (Conv.default_act): each block gets its own quantized one.
+        if isinstance(getattr(block, "act", None), nn.SiLU) and getattr(block, "conv", None) is module and (sigmoid or product):
+            block.act = QuantSiLU(qtype, sym, sigmoid=sigmoid, product=product)
+            acts[f"{key}_silu"] = block.act
+    return FakeQuant(acts, convs, wfqs)

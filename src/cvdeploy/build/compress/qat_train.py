@@ -1,0 +1,268 @@
+"""Quantization-aware fine-tuning of an Ultralytics detect model, starting from the PTQ graph it must beat.
+
+The PTQ variant made with the same recipe is the starting point and the contract: its QDQ graph says which tensors are
+quantized (`qat_fakequant.quant_plan`), its calibration images set the activation ranges, and the fine-tuned weights are
+quantized at the end by the same ONNX Runtime call. Only the weights differ, trained under the quantization they will
+be served with. The loss is Ultralytics' own detection loss with the model's hyperparameters, optionally plus a
+distillation term towards the float model's raw head outputs. Every epoch ends with a checkpoint, so a run can resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cvdeploy.errors import InputError
+
+CHECKPOINT = "qat_last.pt"
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """Everything that decides a QAT run's result: recorded in the manifest, compared on resume."""
+
+    recipe: str = "u8s8-w7"  # the INT8 recipe (cvdeploy.build.quantize.INT8_RECIPES), as for PTQ
+    per_channel: bool = True
+    calib_method: str = "minmax"
+    calib_images: int = 64
+    quantize_head: bool = False  # as onnx-int8's --quantize-head: the head's decoding stays float by default
+    train_split: str = "train"
+    train_images: int = 192
+    epochs: int = 2
+    batch: int = 8
+    lr: float = 5e-5  # SGD, momentum 0.9: low, so that the float accuracy does not drift (2e-4 lost 0.5 point in float)
+    distill: float = 10.0  # weight of the distillation term (MSE to the float model's raw head outputs); 0 = none
+    seed: int = 0
+    val_images: int = 100  # the fake-quantized model's mAP50-95 after each epoch on this many val images; 0 = none
+
+    def __post_init__(self) -> None:
+        from cvdeploy.build.quantize import CALIB_METHODS, INT8_RECIPES
+
+        if self.recipe not in INT8_RECIPES:
+            raise InputError(f"unknown INT8 recipe {self.recipe!r}; choose from {', '.join(INT8_RECIPES)}")
+        if self.calib_method not in CALIB_METHODS:
+            raise InputError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {self.calib_method!r}")
+        if self.calib_method != "minmax":
+            # The torch side reproduces min/max ranges only: a graph calibrated otherwise is not what was trained.
+            raise InputError(f"QAT mirrors minmax calibration only, got {self.calib_method!r}")
+        for name in ("calib_images", "train_images", "epochs", "batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"QAT {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise InputError(f"QAT learning rate must be in (0, 1), got {self.lr}")
+        if self.distill < 0 or self.val_images < 0:
+            raise InputError("QAT distill weight and val-images must be >= 0")
+
+    def int8_recipe(self) -> Any:
+        from cvdeploy.build.quantize import int8_recipe
+
+        return int8_recipe(self.recipe, self.calib_method, self.per_channel)
+
+    def same_run(self, other: dict[str, Any]) -> list[str]:
+        """Fields that differ from a checkpoint's config (epochs may grow: resuming to train longer is allowed)."""
+        return [k for k, v in asdict(self).items() if k != "epochs" and other.get(k) != v]
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float  # mean training loss (Ultralytics' box + cls + dfl, summed over the batch), plus distillation
+    box: float
+    cls: float
+    dfl: float
+    map50_95: float | None  # the fake-quantized torch model on the val subset
+    seconds: float
+
+
+@dataclass
+class QatRun:
+    """The fine-tuned float model (fake quantizers removed) and how it was trained."""
+
+    model: Any  # the fused Ultralytics DetectionModel, fake quantizers in place, trained weights
+    fake_quant: Any = None
+    history: list[EpochRecord] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    train_seconds: float = 0.0
+
+    def float_model(self, source_pt: str | os.PathLike[str]) -> Any:
+        """The trained weights in a plain float model: what is exported to ONNX and quantized for real."""
+        from cvdeploy.build.compress.qat_fakequant import float_state
+
+        net = load_fused(source_pt)
+        net.load_state_dict(float_state(self.model))
+        return net.eval()
+
+    def record(self, config: QatConfig, data: str | os.PathLike[str], n_train: int) -> dict[str, Any]:
+        """The training record a manifest and a report carry."""
+        return {"method": "qat", "tool": "cvdeploy (torch fake-quant mirroring ONNX Runtime QDQ)", "config": asdict(config),
+                "data": str(data), "train_images": n_train, "epochs": len(self.history), "seed": config.seed,
+                "train_seconds": round(self.train_seconds, 1), "resumed_from_epoch": self.resumed_from_epoch,
+                "history": [asdict(h) for h in self.history]}
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def load_fused(source_pt: str | os.PathLike[str]) -> Any:
+    """The source .pt as a float, BatchNorm-folded DetectionModel with the hyperparameters its loss needs."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics import YOLO
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.utils import IterableSimpleNamespace
+
+    yolo = YOLO(str(source_pt))
+    if yolo.task != "detect":
+        raise InputError(f"QAT fine-tunes detect models (the loss is Ultralytics' detection loss); {source_pt} is {yolo.task}")
+    model = yolo.model.float()
+    model.fuse(verbose=False)
+    args = model.args if isinstance(model.args, dict) else vars(model.args)
+    model.args = IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, **args})
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for m in model.modules():  # DFL's fixed projection stays fixed, as in Ultralytics' trainer
+        if type(m).__name__ == "DFL":
+            for p in m.parameters():
+                p.requires_grad_(False)
+    return model
+
+
+def _raw(preds: Any) -> Any:
+    """The head's raw training outputs, whatever shape this Ultralytics version gives them."""
+    import torch
+
+    if isinstance(preds, tuple):
+        preds = preds[1]
+    if isinstance(preds, dict):
+        return torch.cat([preds["boxes"], preds["scores"]], 1)
+    return torch.cat([p.flatten(2) for p in preds], 2)
+
+
+def torch_map(model: Any, bundle: Any, data: str | os.PathLike[str], n: int) -> float:
+    """mAP50-95 of a torch model through the bundle's own Predictor stages (prepare, finish): what the graph will score."""
+    import torch
+
+    from cvdeploy.build.export import torch_outputs
+    from cvdeploy.evaluate.coco import coco_map, load_yolo_split
+    from cvdeploy.predict import Predictor
+    from cvdeploy.vision.image import load_image
+
+    gt, _ = load_yolo_split(data, "val")
+    gt = gt[:: max(1, len(gt) // n)][:n]
+    preds = []
+    was_training = model.training
+    model.eval()
+    with Predictor(bundle, "onnx-fp32") as p, torch.inference_mode():
+        options = p.detect_options(conf=0.001, iou=0.7, max_det=300)
+        for g in gt:
+            prepared = p.prepare([load_image(g.path)])
+            out = torch_outputs(model(torch.from_numpy(prepared.tensor)))[0].numpy()
+            d = p.finish(prepared, out, options=options)[0].detections
+            preds.append((d.xyxy, d.confidence, d.class_id))
+    model.train(was_training)
+    return float(coco_map(gt, preds, nc=len(bundle.manifest.names)).map50_95)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a run killed while saving keeps the previous checkpoint
+
+
+def finetune(
+    bundle: Any,
+    source_pt: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    config: QatConfig,
+    plan: Any,
+    calib: Sequence[np.ndarray],
+    work_dir: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    progress: Progress | None = None,
+) -> QatRun:
+    """Fine-tune `source_pt` under fake quantization (`plan`, ranges calibrated on `calib`); checkpoint each epoch in
+    `work_dir` and, with `resume`, continue from a checkpoint of the same configuration."""
+    import torch
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from cvdeploy.build.compress.qat_data import batches, load_samples
+    from cvdeploy.build.compress.qat_fakequant import insert_fake_quant
+
+    say = progress or (lambda _e, _d: None)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work / CHECKPOINT
+    torch.manual_seed(config.seed)
+    model = load_fused(source_pt)
+    teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
+    fq = insert_fake_quant(model, config.int8_recipe(), plan)
+    say("calibrate", {"images": len(calib)})
+    fq.calibrate(model, calib)  # the PTQ calibration, on the float model: ONNX Runtime's MinMax ranges
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True)
+    run = QatRun(model)
+    rng = np.random.default_rng(config.seed)
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if diff := config.same_run(state["config"]):
+            raise InputError(f"{ckpt_path} was made with other QAT settings ({', '.join(diff)}); pass --no-resume or "
+                             "another work directory")
+        model.load_state_dict(state["model"])
+        fq.activations.load_state_dict(state["activations"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        run.history = [EpochRecord(**h) for h in state["history"]]
+        run.resumed_from_epoch = len(run.history)
+        run.train_seconds = state["train_seconds"]
+        say("resume", {"epoch": run.resumed_from_epoch, "checkpoint": str(ckpt_path)})
+    samples = load_samples(bundle, data, config.train_split, config.train_images)
+    criterion = v8DetectionLoss(model)
+    for epoch in range(len(run.history) + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        sums = np.zeros(4)
+        epoch_batches = batches(samples, config.batch, rng)
+        for i, batch in enumerate(epoch_batches, 1):
+            preds = model(batch["img"])
+            loss, items = criterion(preds, batch)
+            loss = loss.sum()
+            if teacher is not None:
+                with torch.no_grad():
+                    target = _raw(teacher(batch["img"]))
+                loss = loss + config.distill * torch.nn.functional.mse_loss(_raw(preds), target) * len(batch["img"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)  # Ultralytics' own clip
+            optimizer.step()
+            parts = list(items.values()) if isinstance(items, dict) else list(items)  # box, cls, dfl
+            sums += [float(loss.detach()), *(float(x) for x in parts[:3])]
+            say("step", {"epoch": epoch, "epochs": config.epochs, "step": i, "steps": len(epoch_batches),
+                        "loss": float(loss.detach())})
+        mean = sums / max(1, len(epoch_batches))
+        m = torch_map(model, bundle, data, config.val_images) if config.val_images else None
+        secs = time.perf_counter() - t0
+        run.history.append(EpochRecord(epoch, round(mean[0], 5), round(mean[1], 5), round(mean[2], 5), round(mean[3], 5),
+                                       None if m is None else round(m, 5), round(secs, 1)))
+        run.train_seconds += secs
+        _save(ckpt_path, {"config": asdict(config), "model": model.state_dict(), "activations": fq.activations.state_dict(),
+                          "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state,
+                          "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in run.history],
+                          "train_seconds": run.train_seconds})
+        say("epoch", asdict(run.history[-1]) | {"epochs": config.epochs})
+    (work / "qat_history.json").write_text(json.dumps([asdict(h) for h in run.history], indent=2))
+    # The deployed graph is calibrated again on the fine-tuned weights; so is the torch model it is held against.
+    fq.calibrate(model, calib)
+    model.eval()
+    run.fake_quant = fq
+    return run

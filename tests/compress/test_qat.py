@@ -1,0 +1,154 @@
+"""QAT into onnx-qat-int8: the fake quantization mirrors ONNX Runtime's arithmetic, the result is a QDQ graph that ONNX
+Runtime runs with the PTQ variant's INT8 kernels, it enters the bundle verified with its training record, and an
+interrupted run resumes from its last epoch. Tiny data (16 training images at 96 px, a few steps): behaviour, not mAP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("ultralytics")
+pytest.importorskip("onnxruntime")
+
+from cvdeploy.build.compress.qat_fakequant import ActivationFQ, WeightFQ, torch_key  # noqa: E402
+from cvdeploy.build.compress.qat_train import QatConfig  # noqa: E402
+from cvdeploy.build.quantize import int8_recipe  # noqa: E402
+from cvdeploy.errors import InputError  # noqa: E402
+
+TINY = {"train_images": 16, "calib_images": 4, "batch": 8, "val_images": 0, "lr": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, demo_pt: Path) -> tuple[Path, Path, Path]:
+    """16 train and 8 val shapes images, and the demo model built at 96 px: (bundle, data.yaml, workdir)."""
+    from cvdeploy.build import build_bundle
+    from cvdeploy.demo.shapes import generate_shapes
+
+    root = tmp_path_factory.mktemp("qat")
+    data = generate_shapes(root / "data", n_train=16, n_val=8, seed=5)
+    bundle = build_bundle(demo_pt, root / "tiny.cvd", imgsz=96, n_golden=1)
+    return bundle.root, data, root
+
+
+def test_onnx_node_names_map_to_torch_modules() -> None:
+    assert torch_key("/model.23/cv2.0/cv2.0.0/conv/Conv") == ("model.23.cv2.0.0.conv", "Conv")
+    assert torch_key("/model.10/m/m.0/attn/pe/conv/Conv") == ("model.10.m.0.attn.pe.conv", "Conv")
+    assert torch_key("/model.2/m.0/cv1/act/Sigmoid") == ("model.2.m.0.cv1.act", "Sigmoid")
+
+
+def test_activation_ranges_follow_onnxruntime() -> None:
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
+    for recipe in ("u8s8-w7", "s8s8-asym"):
+        r = int8_recipe(recipe)
+        fq = ActivationFQ(r.activation_type, r.activation_symmetric)
+        x = torch.tensor([-0.37, 0.0, 5.2])
+        with torch.no_grad():
+            fq.observing = True
+            fq(x)
+            fq.observing = False
+        zp, scale = compute_scale_zp(np.float32(-0.37), np.float32(5.2), np.asarray(fq.qmin, np.int32),
+                                     np.asarray(fq.qmax, np.int32), symmetric=r.activation_symmetric)
+        got_scale, got_zp = fq.scale_zero_point()
+        assert got_scale == pytest.approx(float(scale), rel=1e-6)
+        assert got_zp == int(zp)
+
+
+@pytest.mark.parametrize("recipe,per_channel", [("u8s8-w7", False), ("u8s8-w8", True)])
+def test_weight_grid_is_onnxruntimes(recipe: str, per_channel: bool) -> None:
+    """The fake-quantized weight equals ONNX Runtime's dequantized weight for the same recipe."""
+    from onnx import TensorProto
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    r = int8_recipe(recipe, per_channel=per_channel)
+    w = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.1, 1.0, 3.0, 0.01])[:, None, None, None]
+    got = WeightFQ(r)(w).numpy()
+    rows = [w[i].numpy() for i in range(4)] if per_channel else [w.numpy()]
+    want = []
+    for row in rows:
+        zp, scale, q = quantize_data(row.ravel(), TensorProto.INT8, symmetric=True, reduce_range=r.reduce_range)
+        want.append(((q.astype(np.float32) - float(zp)) * float(scale)).reshape(row.shape))
+    np.testing.assert_allclose(got, np.stack(want) if per_channel else want[0], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got, w.numpy())  # it did quantize
+
+
+def test_bad_settings_fail_early() -> None:
+    with pytest.raises(InputError, match="recipe"):
+        QatConfig(recipe="u4s4")
+    with pytest.raises(InputError, match="epochs"):
+        QatConfig(epochs=0)
+    with pytest.raises(InputError, match="minmax"):
+        QatConfig(calib_method="entropy")
+
+
+def test_qat_variant_is_qdq_verified_and_recorded(tiny: tuple[Path, Path, Path], demo_pt: Path) -> None:
+    import onnx
+
+    from cvdeploy.build.compress.common import training_record
+    from cvdeploy.build.compress.qat import qat_to_variant
+    from cvdeploy.build.compress.qat_export import node_types
+    from cvdeploy.bundle.bundle import Bundle
+    from cvdeploy.predict import Predictor
+
+    bundle, data, root = tiny
+    steps: list[str] = []
+    outcome, record = qat_to_variant(bundle, model=demo_pt, data=data, out=root / "run", config=QatConfig(epochs=1, **TINY),
+                                     max_map_drop=100.0, on_step=lambda _v, s: steps.append(s))
+    assert outcome.written, outcome.reason
+    graph = onnx.load(str(root / "run" / "qat-int8.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # ONNX Runtime runs it with the INT8 kernels of the PTQ graph of the same recipe, op type for op type.
+    assert record["node_types"].get("QLinearConv", 0) > 50
+    assert record["same_node_types_as_ptq"] is True
+    assert record["node_types"] == node_types(root / "run" / "ptq-int8.onnx")
+
+    b = Bundle.load(bundle)
+    v = b.manifest.variants["onnx-qat-int8"]
+    assert v.precision == "int8" and v.parity is not None and v.parity.passed
+    assert "its own torch model" in v.parity.reference
+    assert {"map50_95", "latency_ms_b1", "box_agreement"} <= set(v.metrics)
+    stored = training_record(b, "onnx-qat-int8")
+    assert stored is not None
+    assert stored["epochs"] == 1 and stored["seed"] == 0 and stored["train_images"] == 16
+    assert stored["config"]["recipe"] == "u8s8-w7" and stored["train_seconds"] > 0
+    assert len(stored["history"]) == 1 and np.isfinite(stored["history"][0]["loss"])
+    assert "onnx-qat-int8" in (b.root / "report.html").read_text()
+    # the recorded variant is what the Predictor serves
+    with Predictor(b, "onnx-qat-int8") as p:
+        img = next(iter(sorted((data.parent / "images" / "val").iterdir())))
+        assert p.predict(img).detections is not None
+    assert any("fine-tune" in s for s in steps)
+
+
+def test_resume_continues_from_the_last_epoch(tiny: tuple[Path, Path, Path], demo_pt: Path) -> None:
+    import onnx
+
+    from cvdeploy.build.compress.qat import ptq_reference
+    from cvdeploy.build.compress.qat_fakequant import quant_plan
+    from cvdeploy.build.compress.qat_train import CHECKPOINT, finetune
+    from cvdeploy.bundle.bundle import Bundle
+
+    bundle, data, root = tiny
+    b = Bundle.load(bundle)
+    run_dir = root / "resume"
+    run_dir.mkdir()
+    cfg1 = QatConfig(epochs=1, **TINY)
+    ptq, calib, _ = ptq_reference(b, data, cfg1, run_dir, measure=False)
+    plan = quant_plan(onnx.load(str(ptq)))
+    first = finetune(b, demo_pt, data, cfg1, plan, calib, run_dir)
+    assert (run_dir / CHECKPOINT).is_file() and len(first.history) == 1
+    events: list[tuple[str, dict]] = []
+    second = finetune(b, demo_pt, data, QatConfig(epochs=2, **TINY), plan, calib, run_dir,
+                      progress=lambda e, d: events.append((e, d)))
+    assert second.resumed_from_epoch == 1
+    assert [h.epoch for h in second.history] == [1, 2]
+    assert second.history[0].loss == first.history[0].loss  # epoch 1 came from the checkpoint, not trained again
+    assert [d["epoch"] for e, d in events if e == "epoch"] == [2]
+    assert json.loads((run_dir / "qat_history.json").read_text())[1]["epoch"] == 2
+    with pytest.raises(InputError, match="other QAT settings"):
+        finetune(b, demo_pt, data, QatConfig(epochs=3, **{**TINY, "lr": 5e-4}), plan, calib, run_dir)
