@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--importance", default="magnitude", choices=["magnitude", "taylor"])
+    p.add_argument("--round-to", type=int, default=None, help="channel counts kept multiples of this (16: AVX-512)")
     p.add_argument("--max-map-drop", type=float, default=2.0)
     p.add_argument("--distill-weight", type=float, default=0.0, help="fine-tune with the source as teacher (0: off)")
     p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (the data and the pruning stay seed 0)")
@@ -63,6 +64,7 @@ def main() -> None:
             continue
         outcome, record = prune_to_variant(
             bundle, model=DEMO_MODEL, data=data, out=run, macs_ratio=ratio, importance=args.importance,
+            round_to=args.round_to,
             epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, workers=args.workers, seed=args.seed,
             max_map_drop=args.max_map_drop, distill_weight=args.distill_weight, resume=resume,
             progress=lambda r, ratio=ratio: print(f"[prune {ratio:g}] epoch {r['epoch']}/{r['epochs']} "
