@@ -35,7 +35,7 @@ class DetectionMetrics:
         return {"map50_95": round(self.map50_95, 4), "map50": round(self.map50, 4), "images": self.images, "instances": self.instances}
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_dataset_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
@@ -49,18 +49,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def load_yolo_split(data_yaml: str | os.PathLike[str], split: str = "val") -> tuple[list[LabelledImage], dict[int, str]]:
     """Images and their labels (YOLO txt: class cx cy w h, normalized) of one split of a data.yaml."""
+    from cvdeploy.evaluate.labels import split_dir
+
     yml = Path(data_yaml)
     if not yml.is_file():
         raise InputError(f"dataset file not found: {yml}")
-    data = _read_yaml(yml)
-    if split not in data:
-        raise InputError(f"{yml} has no {split!r} split")
-    root = Path(data.get("path") or yml.parent)
-    if not root.is_absolute():
-        root = (yml.parent / root).resolve()
-    img_dir = root / str(data[split])
-    if not img_dir.is_dir():
-        raise InputError(f"{split} images not found: {img_dir}")
+    img_dir, data = split_dir(yml, split)
     names_raw = data.get("names", {})
     names = dict(enumerate(names_raw)) if isinstance(names_raw, list) else {int(k): str(v) for k, v in names_raw.items()}
     items = []

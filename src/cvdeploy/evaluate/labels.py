@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from cvdeploy.errors import InputError
-from cvdeploy.evaluate.coco import _read_yaml
+from cvdeploy.evaluate.coco import read_dataset_yaml
 from cvdeploy.vision.image import image_files
 from cvdeploy.vision.letterbox import LetterboxParams
 
@@ -89,7 +89,7 @@ def split_dir(data: str | os.PathLike[str], split: str = "val") -> tuple[Path, d
             raise InputError(f"{p} has no {split}/ folder (a classify dataset holds {split}/<class>/*.jpg)")
     if not p.is_file():
         raise InputError(f"dataset not found: {p}")
-    doc = _read_yaml(p)
+    doc = read_dataset_yaml(p)
     if split not in doc:
         raise InputError(f"{p} has no {split!r} split")
     root = Path(doc.get("path") or p.parent)

@@ -16,7 +16,7 @@ import numpy as np
 
 from cvdeploy.vision.detections import Detections
 from cvdeploy.vision.letterbox import LetterboxParams
-from cvdeploy.vision.postprocess import MAX_NMS, MAX_WH, Candidates, DetectOptions, nms
+from cvdeploy.vision.postprocess import MAX_NMS, Candidates, DetectOptions, suppress
 from cvdeploy.vision.tasks import TaskHead, candidates, finish_candidates, split_outputs
 
 
@@ -38,20 +38,7 @@ def multi_label_candidates(output: np.ndarray, head: TaskHead, options: DetectOp
         cols, cls, conf = cols[sel], cls[sel], conf[sel]
     top = np.argsort(-conf, kind="stable")[:MAX_NMS]
     cols, cls, conf = cols[top], cls[top], conf[top]
-    xywh = output[:4, cols].T
-    extra = output[4 + nc :, cols].T
-    offset = (cls[:, None] * (0 if options.agnostic else MAX_WH)).astype(np.float32)
-    if head.task == "obb":
-        from cvdeploy.vision.obb import nms_rotated
-
-        rboxes = np.concatenate([xywh[:, :2] + offset, xywh[:, 2:4], extra[:, -1:]], 1)
-        keep = nms_rotated(rboxes, conf, options.iou, max_keep=options.max_det)
-        boxes = xywh
-    else:
-        half = xywh[:, 2:] / 2
-        boxes = np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], 1)
-        keep = nms(boxes + offset, conf, options.iou, max_keep=options.max_det)
-    return Candidates(boxes[keep], conf[keep], cls[keep].astype(np.int64), np.ascontiguousarray(extra[keep], dtype=np.float32))
+    return suppress(output[:4, cols].T, conf, cls, output[4 + nc :, cols].T, options, rotated=head.task == "obb")
 
 
 def val_detections(predictor: object, image: Path, options: DetectOptions, *, rect: bool = True

@@ -133,14 +133,20 @@ def select_candidates(output: np.ndarray, options: DetectOptions, *, nc: int | N
     if cand.size > MAX_NMS:
         top = np.argsort(-conf, kind="stable")[:MAX_NMS]
         cand, conf, cls = cand[top], conf[top], cls[top]
-    extra = output[4 + nc :, cand].T
-    xywh = output[:4, cand].T
+    if rotated and n_extra < 1:
+        raise InputError(f"obb output: expected an angle channel after the {nc} class scores, got shape {output.shape}")
+    return suppress(output[:4, cand].T, conf, cls, output[4 + nc :, cand].T, options, rotated=rotated)
+
+
+def suppress(xywh: np.ndarray, conf: np.ndarray, cls: np.ndarray, extra: np.ndarray, options: DetectOptions, *,
+             rotated: bool = False) -> Candidates:
+    """Class-aware NMS of selected rows (boxes as xywh, one class each), `max_det` kept: greedy IoU NMS on xyxy boxes,
+    or rotated Fast-NMS on probabilistic IoU with the angle as the last extra channel. Shared by `select_candidates`
+    and the validator's multi-label selection (`evaluate.val_predict`)."""
     offset = (cls[:, None] * (0 if options.agnostic else MAX_WH)).astype(np.float32)
     if rotated:
         from cvdeploy.vision.obb import nms_rotated
 
-        if n_extra < 1:
-            raise InputError(f"obb output: expected an angle channel after the {nc} class scores, got shape {output.shape}")
         rboxes = np.concatenate([xywh[:, :2] + offset, xywh[:, 2:4], extra[:, -1:]], 1)
         keep = nms_rotated(rboxes, conf, options.iou, max_keep=options.max_det)
         boxes = xywh
