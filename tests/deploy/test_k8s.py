@@ -423,3 +423,22 @@ def test_the_chart_refuses_bad_values(plain: Path) -> None:
     for bad in ("autoscaling.maxReplicas=0", "replica=3", "server.threads=two", "port=70000"):
         p = helm("template", "x", chart, "--set", bad)
         assert p.returncode != 0 and "schema" in p.stderr.lower(), (bad, p.stderr)
+
+
+def test_an_image_tag_that_reads_as_a_number_stays_a_string(demo_bundle: Path, tmp_path: Path) -> None:
+    """The default tag is 12 hex digits of the bundle's hash: `123456e78901` is a float to Helm's YAML 1.2 reader. A CI
+    run hit it: values.yaml failed the chart's schema (`got number, want string`)."""
+    from cvdeploy.deploy import dump_yaml
+
+    for text in ("123456e78901", "1e5", "0x1f", "0o17", ".inf", "3.0"):
+        assert dump_yaml({"tag": text}) == f"tag: '{text}'\n" and yaml.safe_load(dump_yaml({"tag": text})) == {"tag": text}
+    assert dump_yaml({"tag": "abc123"}) == "tag: abc123\n"  # strings no reader takes for a number stay plain
+    out = tmp_path / "k"
+    p = run("package", "k8s", demo_bundle, "-o", out, "--image", "registry.example/shapes:123456e78901")
+    assert p.returncode == 0, p.stderr
+    values = (out / "helm" / "yolo11n-shapes" / "values.yaml").read_text()
+    assert "tag: '123456e78901'" in values, values
+    lint = helm("lint", "--strict", out / "helm" / "yolo11n-shapes")  # skips where there is no helm binary
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    deployment = rendered(helm("template", "yolo11n-shapes", out / "helm" / "yolo11n-shapes"))["Deployment"]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/shapes:123456e78901"

@@ -89,3 +89,25 @@ def clear_output(out: str | os.PathLike[str], force: bool, *, choose: str = "ano
 
 def _version_key(v: str) -> tuple[int, str]:
     return (int(v), v) if v.isdigit() else (10**9, v)
+
+
+# YAML 1.2 (Go's yaml, which kubectl, Helm and Docker Compose read) takes `123456e78901`, `0x1f` or `0o17` as numbers,
+# where PyYAML's YAML 1.1 resolver dumps them as plain strings: an image tag made of hex digits then broke `helm lint`.
+_YAML12_NUMBER = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^0x[0-9a-fA-F]+$|^0o[0-7]+$"
+                            r"|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
+
+
+def dump_yaml(doc: Any, **kwargs: Any) -> str:
+    """`yaml.safe_dump`, with every string a YAML 1.2 reader would take for a number quoted."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        if _YAML12_NUMBER.match(value):
+            return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
+        return dumper.represent_str(value)
+
+    _Dumper.add_representer(str, _str)
+    return yaml.dump(doc, Dumper=_Dumper, **kwargs)

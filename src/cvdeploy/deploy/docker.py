@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cvdeploy import __version__
-from cvdeploy.deploy import MODELS_DIR, ModelSource, clear_output, dns_name
+from cvdeploy.deploy import MODELS_DIR, ModelSource, clear_output, dns_name, dump_yaml
 from cvdeploy.deploy import k8s as k
 from cvdeploy.deploy.docker_deps import (
     FORBIDDEN,
@@ -220,7 +218,7 @@ def write_docker(source: ModelSource, out: str | os.PathLike[str], *, port: int 
                                                     name=name, serve_args=args, port=port, startup_s=sizing.startup_s,
                                                     bundles=bundles))
         (root / ".dockerignore").write_text(DOCKERIGNORE)
-        (root / "compose.yaml").write_text(COMPOSE_HEADER.format(port=port) + yaml.safe_dump(
+        (root / "compose.yaml").write_text(COMPOSE_HEADER.format(port=port) + dump_yaml(
             compose(name=name, image=image, port=port, sizing=sizing, stop_grace_s=k.termination_grace_s()), sort_keys=False))
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)

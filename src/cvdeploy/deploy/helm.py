@@ -13,10 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cvdeploy import __version__
-from cvdeploy.deploy import MODELS_DIR, ModelSource
+from cvdeploy.deploy import MODELS_DIR, ModelSource, dump_yaml
 from cvdeploy.deploy import k8s as k
 
 HELPERS = """\
@@ -372,8 +370,8 @@ def write_chart(source: ModelSource, out: Path, o: k.K8sOptions, s: k.Sizing) ->
     chart = {"apiVersion": "v2", "name": o.name, "description": f"cvdeploy inference server for {o.name}",
              "type": "application", "version": __version__, "appVersion": __version__, "kubeVersion": ">=1.23.0-0"}
     values = values_for(source, o, s)
-    (root / "Chart.yaml").write_text(yaml.safe_dump(chart, sort_keys=False))
-    (root / "values.yaml").write_text(VALUES_HEADER + yaml.safe_dump(values, sort_keys=False, width=1000))
+    (root / "Chart.yaml").write_text(dump_yaml(chart, sort_keys=False))
+    (root / "values.yaml").write_text(VALUES_HEADER + dump_yaml(values, sort_keys=False, width=1000))
     (root / "values.schema.json").write_text(json.dumps(values_schema(values), indent=2) + "\n")
     (root / ".helmignore").write_text("*.orig\n*.tmp\n.git/\n")
     for name, text in TEMPLATES.items():

@@ -11,10 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cvdeploy import __version__
-from cvdeploy.deploy import ModelSource, clear_output
+from cvdeploy.deploy import ModelSource, clear_output, dump_yaml
 from cvdeploy.deploy.k8s_options import K8sOptions, bundles_annotation, default_image
 from cvdeploy.deploy.k8s_pod import (
     AUDIT_DIR,
@@ -177,7 +175,7 @@ def inference_service(source: ModelSource, o: K8sOptions, s: Sizing) -> dict[str
 
 
 def dump(obj: dict[str, Any], header: str = "") -> str:
-    return header + yaml.safe_dump(obj, sort_keys=False, width=1000)
+    return header + dump_yaml(obj, sort_keys=False, width=1000)
 
 
 def write_k8s(source: ModelSource, out: str | os.PathLike[str], o: K8sOptions, s: Sizing, *, force: bool = False) -> list[Path]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cvdeploy.deploy import clear_output
+from cvdeploy.deploy import clear_output, dump_yaml
 from cvdeploy.errors import InputError
 
 # name -> labels, as cvdeploy.serve.metrics.ServerMetrics exports them (histograms by their base name). Drift: the score
@@ -401,7 +401,6 @@ def write_monitoring(models: Mapping[str, Any], out: str | os.PathLike[str], opt
                      title: str | None = None, force: bool = False) -> MonitoringFiles:
     """Write OUT/prometheus/cvdeploy-alerts.yaml and OUT/grafana/cvdeploy-dashboard.json for `models` (name -> the
     bundle the thresholds come from, e.g. each model's newest version). Both are checked before they are written."""
-    import yaml
 
     rules, board = alert_rules(models, options), dashboard(models, options, title=title)
     broken = [f"alert rules: {p}" for p in check_rules(rules)] + [f"dashboard: {p}" for p in check_dashboard(board)]
@@ -412,7 +411,7 @@ def write_monitoring(models: Mapping[str, Any], out: str | os.PathLike[str], opt
     (root / DASHBOARD_FILE).parent.mkdir(parents=True)
     header = ("# Prometheus alerting rules for cvdeploy, written by cvdeploy.deploy.monitoring; check with\n"
               f"#   promtool check rules {RULES_FILE.name}\n")
-    (root / RULES_FILE).write_text(header + yaml.safe_dump(rules, sort_keys=False, width=1_000_000, allow_unicode=True))
+    (root / RULES_FILE).write_text(header + dump_yaml(rules, sort_keys=False, width=1_000_000, allow_unicode=True))
     (root / DASHBOARD_FILE).write_text(json.dumps(board, indent=2) + "\n")
     return MonitoringFiles(root, root / RULES_FILE, root / DASHBOARD_FILE,
                            {name: latency_budget(b, options) for name, b in models.items()})
