@@ -102,3 +102,13 @@ def verify_made(job: VariantJob, name: str, target: Path) -> Checked:
 
 def accuracy_check_of(job: VariantJob, name: str, variant: Variant) -> str | None:
     return accuracy_check(job.bundle, name, variant, job.data, job.max_map_drop, job.step)  # type: ignore[arg-type]
+
+
+def forget_variant(bundle: Bundle, name: str) -> None:
+    """Drop `name`'s manifest entry (and its latency records) before it is rebuilt, saved at once: the manifest never
+    lists a file that is being replaced."""
+    manifest = bundle.manifest
+    if name in manifest.variants:
+        del manifest.variants[name]
+        manifest.runtime = [h for h in manifest.runtime if h.variant != name]
+        bundle.save_manifest()

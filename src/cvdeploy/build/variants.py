@@ -40,6 +40,7 @@ from cvdeploy.build.variant_job import (
     Outcome,
     VariantJob,
     file_of,
+    forget_variant,
     verify_made,
 )
 from cvdeploy.bundle.bundle import Bundle, set_bundle_modes
@@ -215,10 +216,7 @@ def add_variants(
     for name in dict.fromkeys(names):  # keep the order, drop repeats
         if name == "onnx-fp32":
             continue
-        if name in manifest.variants:  # rebuild: the old entry goes first, so that the bundle never lists a missing file
-            del manifest.variants[name]
-            manifest.runtime = [h for h in manifest.runtime if h.variant != name]
-            bundle.save_manifest()
+        forget_variant(bundle, name)
         _remove(root, name)
         outcome = Outcome(name, False, "")
         outcomes.append(outcome)

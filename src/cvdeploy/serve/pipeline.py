@@ -26,15 +26,21 @@ async def run_model(m: LoadedModel, tensor: np.ndarray, timeout: float) -> Serve
         raise DeadlineError(f"model {m.name!r} did not answer within {timeout:g} s") from None
 
 
+def _fallback_for(repo: Repository, m: LoadedModel, error: Exception) -> LoadedModel | None:
+    """The incumbent that answers instead when `error` is the model's own failure (counted against a canary candidate);
+    None when the error is the client's, or when there is no incumbent to fall back to."""
+    if not model_failure(error):
+        return None
+    repo.releases.fail(m)
+    return repo.releases.fallback(m)
+
+
 async def infer_tensor(repo: Repository, m: LoadedModel, tensor: np.ndarray) -> dict[str, np.ndarray]:
     """A v2 request's own tensor through the model; a canary candidate's failure is answered by the incumbent."""
     try:
         return (await run_model(m, tensor, repo.settings.request_timeout_s)).outputs
     except Exception as e:
-        if not model_failure(e):
-            raise
-        repo.releases.fail(m)
-        incumbent = repo.releases.fallback(m)
+        incumbent = _fallback_for(repo, m, e)
         if incumbent is None:
             raise
         with incumbent:
@@ -51,10 +57,7 @@ async def detect_images(repo: Repository, m: LoadedModel, blobs: list[bytes], op
     try:
         return await _detect(repo, m, blobs, options, annotate)
     except Exception as e:
-        if not model_failure(e):
-            raise
-        repo.releases.fail(m)
-        incumbent = repo.releases.fallback(m)
+        incumbent = _fallback_for(repo, m, e)
         if incumbent is None:
             raise
         with incumbent:

@@ -182,10 +182,9 @@ def add_compressed_variant(
         raise BundleError(f"bundle {bundle.name!r} needs an onnx-fp32 variant and golden cases to compare against")
     json.dumps(dict(training))  # fail now, not after the export, on a record that cannot be stored
     root, manifest = bundle.root, bundle.manifest
-    if name in manifest.variants:  # rebuilt: the old entry goes first, so that the manifest never lists a missing file
-        del manifest.variants[name]
-        manifest.runtime = [h for h in manifest.runtime if h.variant != name]
-        bundle.save_manifest()
+    from cvdeploy.build.variant_job import forget_variant
+
+    forget_variant(bundle, name)
     _remove(root, name)
     outcome = Outcome(name, False, "")
     try:
