@@ -16,9 +16,10 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from serve_load import scratch_dir  # the sibling benchmark (this folder is on sys.path when run as a script)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -59,7 +60,7 @@ def main() -> None:
         from cvdeploy.build import build_bundle
         from cvdeploy.demo import DEMO_MODEL
 
-        bundle = Path(tempfile.mkdtemp(prefix="cvdeploy-benchtools-")) / "demo.cvd"
+        bundle = scratch_dir("cvdeploy-benchtools-") / "demo.cvd"
         build_bundle(DEMO_MODEL, bundle, name="yolo11n-shapes")
     images = bench_images(None)
     predictor = Predictor(bundle)

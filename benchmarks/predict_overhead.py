@@ -20,11 +20,11 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import cv2
+from serve_load import scratch_dir  # the sibling benchmark (this folder is on sys.path when run as a script)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -68,7 +68,7 @@ def main() -> None:
     from cvdeploy.runtime import OrtOptions
     from cvdeploy.vision.image import load_image
 
-    work = Path(args.out or tempfile.mkdtemp(prefix="cvdeploy-bench-"))
+    work = Path(args.out or scratch_dir("cvdeploy-bench-"))
     bundle_dir = work / "demo-640.cvd"
     if not (bundle_dir / "manifest.json").is_file():
         build_bundle(DEMO_MODEL, bundle_dir, imgsz=640, name="yolo11n-shapes-640", force=True)

@@ -16,10 +16,14 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from serve_load import free_port, load, wait_ready  # the sibling benchmark (this folder is on sys.path when run as a script)
+from serve_load import (  # the sibling benchmark (this folder is on sys.path when run as a script)
+    free_port,
+    load,
+    scratch_dir,
+    wait_ready,
+)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -40,7 +44,7 @@ def main() -> None:
     from cvdeploy.demo import DEMO_MODEL
     from cvdeploy.demo.shapes import ShapesConfig, iter_scenes
 
-    work = Path(tempfile.mkdtemp(prefix="cvdeploy-iolog-"))
+    work = scratch_dir("cvdeploy-iolog-")
     bundle = work / "demo.cvd"
     build_bundle(DEMO_MODEL, bundle, name="yolo11n-shapes")
     images = [cv2.imencode(".jpg", s.image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()

@@ -39,6 +39,16 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the benchmark exits (bundles and logs of a run are a few hundred MB)."""
+    import atexit
+    import shutil
+
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -240,7 +250,7 @@ def compare_secure(bundle: Path, plain_url: str, model: str, images: list[bytes]
     from cvdeploy.security.protect import new_key_file
     from cvdeploy.security.tls import make_dev_pki
 
-    d = Path(tempfile.mkdtemp(prefix="cvdeploy-secure-"))
+    d = scratch_dir("cvdeploy-secure-")
     pki = make_dev_pki(d / "pki")
     _, api_key = KeyStore(d / "keys.db").create("bench", "predictor")
     new_key_file(d / "audit.key")
@@ -300,7 +310,7 @@ def main() -> None:
         from cvdeploy.build import build_bundle
         from cvdeploy.demo import DEMO_MODEL
 
-        bundle = Path(tempfile.mkdtemp(prefix="cvdeploy-load-")) / "demo.cvd"
+        bundle = scratch_dir("cvdeploy-load-") / "demo.cvd"
         build_bundle(DEMO_MODEL, bundle, name="yolo11n-shapes")
     images = [cv2.imencode(".jpg", s.image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
               for s in iter_scenes(5, "test", 32, ShapesConfig(min_side=256, max_side=640))]

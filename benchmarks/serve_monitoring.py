@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from serve_load import (  # the sibling benchmark (this folder is on sys.path wh
     cpu_by_role,
     free_port,
     load,
+    scratch_dir,
     wait_ready,
 )
 
@@ -176,7 +176,7 @@ def main() -> None:
     from cvdeploy.demo.shapes import generate_shapes
     from cvdeploy.serve.settings import ServeSettings
 
-    work = Path(tempfile.mkdtemp(prefix="cvdeploy-monitor-"))
+    work = scratch_dir("cvdeploy-monitor-")
     bundle = work / "demo.cvd"
     b = build_bundle(DEMO_MODEL, bundle, name=MODEL)
     write_profile(b, generate_shapes(work / "shapes", n_train=0, n_val=300, seed=7))

@@ -26,12 +26,16 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-from serve_load import free_port, load, wait_ready  # the sibling benchmark (this folder is on sys.path when run as a script)
+from serve_load import (  # the sibling benchmark (this folder is on sys.path when run as a script)
+    free_port,
+    load,
+    scratch_dir,
+    wait_ready,
+)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -98,7 +102,7 @@ def main() -> None:
     from cvdeploy.demo import DEMO_MODEL
     from cvdeploy.demo.shapes import ShapesConfig, iter_scenes
 
-    work = Path(tempfile.mkdtemp(prefix="cvdeploy-peers-"))
+    work = scratch_dir("cvdeploy-peers-")
     (work / "litserve_app.py").write_text(LITSERVE_APP)
     jpegs = [cv2.imencode(".jpg", s.image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
              for s in iter_scenes(5, "test", 32, ShapesConfig(min_side=320, max_side=960))]
