@@ -152,3 +152,62 @@ def test_resume_continues_from_the_last_epoch(tiny: tuple[Path, Path, Path], dem
     assert json.loads((run_dir / "qat_history.json").read_text())[1]["epoch"] == 2
     with pytest.raises(InputError, match="other QAT settings"):
         finetune(b, demo_pt, data, QatConfig(epochs=3, **{**TINY, "lr": 5e-4}), plan, calib, run_dir)
+    # a checkpoint trained under an older simulation (other quantizers) is not resumed
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    torch.save({**state, "simulation": 1}, run_dir / CHECKPOINT)
+    with pytest.raises(InputError, match="another version of cvdeploy's fake quantization"):
+        finetune(b, demo_pt, data, QatConfig(epochs=3, **TINY), plan, calib, run_dir)
+
+
+def test_fake_quant_covers_every_tensor_the_graph_requantizes(tiny: tuple[Path, Path, Path], demo_pt: Path) -> None:
+    """Every tensor the PTQ graph gives a scale of its own has a torch quantizer (residual Adds and the attention block
+    included), the rewritten forwards compute exactly what Ultralytics' do, and the simulation is closer to the
+    deployed INT8 graph than the float model is."""
+    import onnx
+    import onnxruntime as ort
+
+    from cvdeploy.build.compress.qat import ptq_reference
+    from cvdeploy.build.compress.qat_fakequant import QuantPlan, insert_fake_quant, quant_plan
+    from cvdeploy.build.compress.qat_train import load_fused
+    from cvdeploy.build.export import torch_outputs
+    from cvdeploy.bundle.bundle import Bundle
+
+    bundle, data, root = tiny
+    b = Bundle.load(bundle)
+    work = root / "coverage"
+    work.mkdir()
+    cfg = QatConfig(recipe="u8s8-w7", per_channel=False, **{**TINY, "calib_images": 8})
+    ptq, calib, _ = ptq_reference(b, data, cfg, work, measure=False)
+    plan = quant_plan(onnx.load(str(ptq)))
+    plain = load_fused(demo_pt).eval()
+    model = load_fused(demo_pt).eval()
+    fq = insert_fake_quant(model, cfg.int8_recipe(), plan)
+    assert fq.unsimulated == []
+    keys = set(fq.activations.keys())
+    assert {"model_10_m_0_attn_Softmax", "model_10_m_0_attn_MatMul", "model_10_m_0_Add_1", "model_2_m_0_Add"} <= keys
+
+    x = torch.from_numpy(calib[0])
+    with torch.no_grad(), fq.observing():  # quantizers pass values through: the rewritten forwards alone
+        torch.testing.assert_close(torch_outputs(model(x))[0], torch_outputs(plain(x))[0], rtol=1e-5, atol=1e-3)
+    fq.calibrate(model, calib)
+    softmax = fq.activations["model_10_m_0_attn_Softmax"]
+    assert float(softmax.lo) >= 0.0 and float(softmax.hi) <= 1.0 + 1e-6
+
+    # The same simulation without the Adds and the attention block (convolutions and SiLU only, cvdeploy 0.x's first)
+    convs_only = load_fused(demo_pt).eval()
+    blocks = {n for n in plan.outputs if n.rsplit("/", 1)[-1].split("_")[0] in ("Add", "MatMul", "Softmax") or n.endswith("attn/Mul_1")}
+    insert_fake_quant(convs_only, cfg.int8_recipe(), QuantPlan(plan.inputs, plan.outputs - blocks, plan.weights)).calibrate(
+        convs_only, calib)
+
+    nc = len(b.manifest.names)
+    session = ort.InferenceSession(str(ptq), providers=["CPUExecutionProvider"])
+
+    def error(net: torch.nn.Module) -> float:
+        """Mean |class score - the INT8 graph's| over the calibration images."""
+        with torch.no_grad():
+            return float(np.mean([np.abs(torch_outputs(net(torch.from_numpy(t)))[0].numpy()[0, 4:4 + nc]
+                                         - session.run(None, {session.get_inputs()[0].name: t})[0][0, 4:4 + nc]).mean()
+                                  for t in calib]))
+
+    errors = {"simulated": error(model), "convs and SiLU only": error(convs_only), "float": error(plain)}
+    assert errors["simulated"] < errors["convs and SiLU only"] < errors["float"], errors

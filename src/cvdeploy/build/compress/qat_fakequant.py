@@ -4,15 +4,18 @@ QAT is only worth its time if the quantization the network trains under is the o
 graph is made by `cvdeploy.build.quantize.quantize_int8` (ONNX Runtime, QDQ), so the torch side copies its arithmetic:
 weights symmetric max-abs (per channel or per tensor, 7-bit with `reduce_range`), activations min/max-calibrated
 (asymmetric unless the recipe says otherwise) with ONNX Runtime's own qmin/qmax and zero-point rule. It covers the
-quantized convolutions (input, weight, output) and their SiLU (sigmoid output, product): the tensors ONNX Runtime
-puts a QDQ pair on. The head's decoding stays float, as in the PTQ graph (its convolutions are named float nodes).
+quantized convolutions (input, weight, output), their SiLU (sigmoid output, product), the residual Adds (Bottleneck,
+PSABlock) and the attention block's scaled query, both MatMuls, Softmax and Add: every tensor ONNX Runtime gives a scale
+of its own. Ops that keep their input's scale in a QDQ graph (Split, Reshape, Transpose, MaxPool, Resize) need nothing,
+and a Concat's output scale is its consuming convolution's input quantizer. `FakeQuant.unsimulated` names what the
+plan quantizes and the torch side does not. The head's decoding stays float, as in the PTQ graph.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -100,6 +103,30 @@ class QuantSiLU(nn.Module):
         return self.out_fq(x * self.sigmoid_fq(torch.sigmoid(x)))
 
 
+def _attention_forward(attn: nn.Module, x: torch.Tensor, fq: dict[str, nn.Module]) -> torch.Tensor:
+    """Ultralytics' `Attention.forward` with the tensors ONNX Runtime requantizes fake-quantized (`fq` by ONNX op name:
+    `Mul_1` the scaled query, `MatMul` the scores, `Softmax`, `MatMul_1` the weighted values, `Add` the sum with `pe`)."""
+    b, c, h, w = x.shape
+    q, k, v = attn.qkv(x).view(b, attn.num_heads, attn.key_dim * 2 + attn.head_dim, h * w).split(
+        [attn.key_dim, attn.key_dim, attn.head_dim], dim=2)
+    scores = fq["MatMul"](fq["Mul_1"](q * attn.scale).transpose(-2, -1) @ k)
+    weights = fq["Softmax"](scores.softmax(dim=-1))
+    y = fq["MatMul_1"](v @ weights.transpose(-2, -1)).view(b, c, h, w) + attn.pe(v.reshape(b, c, h, w))
+    return attn.proj(fq["Add"](y))
+
+
+def _psablock_forward(block: nn.Module, x: torch.Tensor, fq: dict[str, nn.Module]) -> torch.Tensor:
+    """Ultralytics' `PSABlock.forward` with its two residual Adds fake-quantized."""
+    x = fq["Add"](x + block.attn(x)) if block.add else block.attn(x)
+    return fq["Add_1"](x + block.ffn(x)) if block.add else block.ffn(x)
+
+
+# Ops whose output a QDQ graph quantizes with their input's scale (ONNX Runtime's "direct 8-bit" ops): nothing to
+# simulate. A Concat's output is the input of the convolution that consumes it, quantized there.
+_SAME_SCALE_OPS = {"Split", "Reshape", "Transpose", "MaxPool", "Resize", "Concat", "Squeeze", "Unsqueeze", "Flatten"}
+_ATTENTION_OPS = ("Mul_1", "MatMul", "Softmax", "MatMul_1", "Add")
+
+
 @dataclass
 class FakeQuant:
     """The fake-quantizers inserted into a model (for good: the trained float weights come out with `float_state`)."""
@@ -107,6 +134,7 @@ class FakeQuant:
     activations: nn.ModuleDict  # every ActivationFQ, keyed by where it sits (its state is part of a checkpoint)
     convs: list[str]  # quantized conv modules, by name
     weights: list[WeightFQ]
+    unsimulated: list[str] = field(default_factory=list)  # ONNX nodes whose output the plan quantizes and torch does not
 
     def modules(self) -> Iterator[ActivationFQ]:
         for m in self.activations.modules():
@@ -198,7 +226,8 @@ def quant_plan(qdq_model: Any) -> QuantPlan:
 
 def insert_fake_quant(model: nn.Module, recipe: Int8Recipe, plan: QuantPlan) -> FakeQuant:
     """Fake-quantize a fused (BatchNorm folded) Ultralytics model where `plan` (the PTQ graph) quantizes: conv inputs,
-    weights and outputs, and the SiLU's sigmoid and product. Returns what was inserted."""
+    weights and outputs, the SiLU's sigmoid and product, residual Adds and the attention block. Returns what was
+    inserted, and what the plan quantizes that is not simulated."""
     from torch.nn.utils import parametrize
 
     qtype, sym = recipe.activation_type, recipe.activation_symmetric
@@ -206,10 +235,12 @@ def insert_fake_quant(model: nn.Module, recipe: Int8Recipe, plan: QuantPlan) -> 
     acts = nn.ModuleDict()
     convs: list[str] = []
     wfqs: list[WeightFQ] = []
+    simulated: set[tuple[str, str]] = set()
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Conv2d):
             continue
         node, key = (name, "Conv"), name.replace(".", "_")
+        simulated.add(node)
         if node in inputs:
             acts[f"{key}_in"] = ActivationFQ(qtype, sym)
             module.register_forward_pre_hook(lambda _m, args, fq=acts[f"{key}_in"]: (fq(args[0]),))
@@ -227,4 +258,39 @@ def insert_fake_quant(model: nn.Module, recipe: Int8Recipe, plan: QuantPlan) -> 
         if isinstance(getattr(block, "act", None), nn.SiLU) and getattr(block, "conv", None) is module and (sigmoid or product):
             block.act = QuantSiLU(qtype, sym, sigmoid=sigmoid, product=product)
             acts[f"{key}_silu"] = block.act
-    return FakeQuant(acts, convs, wfqs)
+            simulated |= {(f"{block_name}.act", "Sigmoid"), (f"{block_name}.act", "Mul")}
+    simulated |= _insert_block_quantizers(model, outputs, acts, qtype, sym)
+    unsimulated = sorted(f"{mod}/{op}" for mod, op in outputs - simulated if op.split("_")[0] not in _SAME_SCALE_OPS)
+    return FakeQuant(acts, convs, wfqs, unsimulated)
+
+
+def _insert_block_quantizers(model: nn.Module, outputs: set[tuple[str, str]], acts: nn.ModuleDict, qtype: str,
+                             sym: bool) -> set[tuple[str, str]]:
+    """Residual Adds (Bottleneck, PSABlock) and the attention block's requantized tensors. Returns the plan entries
+    covered. The quantizers live in `acts` only, so the model's state dict keeps the plain model's keys."""
+    import types
+
+    covered: set[tuple[str, str]] = set()
+
+    def quantizers(name: str, ops: Iterable[str]) -> dict[str, nn.Module]:
+        out: dict[str, nn.Module] = {}
+        for op in ops:
+            if (name, op) in outputs:
+                acts[f"{name.replace('.', '_')}_{op}"] = out[op] = ActivationFQ(qtype, sym)
+                covered.add((name, op))
+            else:
+                out[op] = nn.Identity()
+        return out
+
+    for name, module in list(model.named_modules()):
+        kind = type(module).__name__
+        if kind == "Bottleneck" and getattr(module, "add", False) and (name, "Add") in outputs:
+            module.register_forward_hook(lambda _m, _a, out, fq=quantizers(name, ["Add"])["Add"]: fq(out))
+        elif kind == "PSABlock" and any((name, op) in outputs for op in ("Add", "Add_1")):
+            module.forward = types.MethodType(lambda self, x, fq=quantizers(name, ["Add", "Add_1"]): _psablock_forward(
+                self, x, fq), module)
+        elif kind == "Attention" and getattr(module, "format", None) != "coreml" and any(
+                (name, op) in outputs for op in _ATTENTION_OPS):
+            module.forward = types.MethodType(lambda self, x, fq=quantizers(name, _ATTENTION_OPS): _attention_forward(
+                self, x, fq), module)
+    return covered

@@ -23,6 +23,9 @@ import numpy as np
 from cvdeploy.errors import InputError
 
 CHECKPOINT = "qat_last.pt"
+# What the fake quantization simulates (qat_fakequant): 1 = convolutions and SiLU; 2 = also residual Adds and attention.
+# A checkpoint trained under another simulation has other quantizers: it is not resumed.
+SIMULATION = 2
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ class QatRun:
         return {"method": "qat", "tool": "cvdeploy (torch fake-quant mirroring ONNX Runtime QDQ)", "config": asdict(config),
                 "data": str(data), "train_images": n_train, "epochs": len(self.history), "seed": config.seed,
                 "train_seconds": round(self.train_seconds, 1), "resumed_from_epoch": self.resumed_from_epoch,
-                "history": [asdict(h) for h in self.history]}
+                "history": [asdict(h) for h in self.history], "simulation": SIMULATION,
+                "unsimulated": list(self.fake_quant.unsimulated) if self.fake_quant is not None else None}
 
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -214,6 +218,9 @@ def finetune(
     rng = np.random.default_rng(config.seed)
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state.get("simulation") != SIMULATION:
+            raise InputError(f"{ckpt_path} was trained under another version of cvdeploy's fake quantization "
+                             f"({state.get('simulation', 1)}, this one is {SIMULATION}); pass --no-resume or another work directory")
         if diff := config.same_run(state["config"]):
             raise InputError(f"{ckpt_path} was made with other QAT settings ({', '.join(diff)}); pass --no-resume or "
                              "another work directory")
@@ -255,7 +262,7 @@ def finetune(
         run.history.append(EpochRecord(epoch, round(mean[0], 5), round(mean[1], 5), round(mean[2], 5), round(mean[3], 5),
                                        None if m is None else round(m, 5), round(secs, 1)))
         run.train_seconds += secs
-        _save(ckpt_path, {"config": asdict(config), "model": model.state_dict(), "activations": fq.activations.state_dict(),
+        _save(ckpt_path, {"simulation": SIMULATION, "config": asdict(config), "model": model.state_dict(), "activations": fq.activations.state_dict(),
                           "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state,
                           "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in run.history],
                           "train_seconds": run.train_seconds})
