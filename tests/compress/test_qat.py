@@ -83,6 +83,8 @@ def test_bad_settings_fail_early() -> None:
         QatConfig(epochs=0)
     with pytest.raises(InputError, match="minmax"):
         QatConfig(calib_method="entropy")
+    with pytest.raises(InputError, match="needs a loss"):
+        QatConfig(distill=0, labels=0)
 
 
 def test_qat_variant_is_qdq_verified_and_recorded(tiny: tuple[Path, Path, Path], demo_pt: Path) -> None:

@@ -25,7 +25,9 @@ def qat(
     epochs: int = typer.Option(2, min=1, help="Fine-tuning epochs (resuming with more epochs continues the run)."),
     batch: int = typer.Option(8, min=1, help="Batch size."),
     lr: float = typer.Option(5e-5, help="SGD learning rate (momentum 0.9)."),
-    distill: float = typer.Option(10.0, min=0.0, help="Weight of distillation to the float model's raw outputs (0: none)."),
+    distill: float = typer.Option(1.0, min=0.0, help="Weight of distillation to the float model: its class probabilities "
+                                  "and box distributions (0: none)."),
+    labels: float = typer.Option(0.0, min=0.0, help="Weight of the detection loss on the labels (0: distillation only)."),
     seed: int = typer.Option(0, help="Seed of the data order and flips."),
     val_images: int = typer.Option(50, min=0, help="Val images for the per-epoch mAP of the fake-quantized model (0: none)."),
     name: str = typer.Option("onnx-qat-int8", help="Variant name (onnx-<what>-int8)."),
@@ -43,7 +45,7 @@ def qat(
     from cvdeploy.cli.output import result_console, write_json
 
     config = QatConfig(recipe=recipe, per_channel=not per_tensor, calib_images=calib_images,
-                       train_images=train_images, epochs=epochs, batch=batch, lr=lr, distill=distill, seed=seed,
+                       train_images=train_images, epochs=epochs, batch=batch, lr=lr, distill=distill, labels=labels, seed=seed,
                        val_images=val_images)
 
     def progress(event: str, d: dict[str, Any]) -> None:

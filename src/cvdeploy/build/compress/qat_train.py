@@ -42,7 +42,9 @@ class QatConfig:
     epochs: int = 2
     batch: int = 8
     lr: float = 5e-5  # SGD, momentum 0.9: low, so that the float accuracy does not drift (2e-4 lost 0.5 point in float)
-    distill: float = 10.0  # weight of the distillation term (MSE to the float model's raw head outputs); 0 = none
+    distill: float = 1.0  # weight of the distillation term towards the float model (distill.DistillLoss.kd); 0 = none
+    labels: float = 0.0  # weight of Ultralytics' detection loss on the labels; 0 = distillation only (the default:
+    # fitting 192 images' labels moved the float model away from what its 24 epochs had found)
     seed: int = 0
     val_images: int = 100  # the fake-quantized model's mAP50-95 after each epoch on this many val images; 0 = none
 
@@ -61,8 +63,10 @@ class QatConfig:
                 raise InputError(f"QAT {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
             raise InputError(f"QAT learning rate must be in (0, 1), got {self.lr}")
-        if self.distill < 0 or self.val_images < 0:
-            raise InputError("QAT distill weight and val-images must be >= 0")
+        if self.distill < 0 or self.labels < 0 or self.val_images < 0:
+            raise InputError("QAT distill and labels weights and val-images must be >= 0")
+        if self.distill == 0 and self.labels == 0:
+            raise InputError("QAT needs a loss: a distill or a labels weight above 0")
 
     def int8_recipe(self) -> Any:
         from cvdeploy.build.quantize import int8_recipe
@@ -138,17 +142,6 @@ def load_fused(source_pt: str | os.PathLike[str]) -> Any:
     return model
 
 
-def _raw(preds: Any) -> Any:
-    """The head's raw training outputs, whatever shape this Ultralytics version gives them."""
-    import torch
-
-    if isinstance(preds, tuple):
-        preds = preds[1]
-    if isinstance(preds, dict):
-        return torch.cat([preds["boxes"], preds["scores"]], 1)
-    return torch.cat([p.flatten(2) for p in preds], 2)
-
-
 def torch_map(model: Any, bundle: Any, data: str | os.PathLike[str], n: int) -> float:
     """mAP50-95 of a torch model through the bundle's own Predictor stages (prepare, finish): what the graph will score."""
     import torch
@@ -197,8 +190,8 @@ def finetune(
     """Fine-tune `source_pt` under fake quantization (`plan`, ranges calibrated on `calib`); checkpoint each epoch in
     `work_dir` and, with `resume`, continue from a checkpoint of the same configuration."""
     import torch
-    from ultralytics.utils.loss import v8DetectionLoss
 
+    from cvdeploy.build.compress.distill import DistillLoss
     from cvdeploy.build.compress.qat_data import batches, load_samples
     from cvdeploy.build.compress.qat_fakequant import insert_fake_quant
 
@@ -234,7 +227,10 @@ def finetune(
         run.train_seconds = state["train_seconds"]
         say("resume", {"epoch": run.resumed_from_epoch, "checkpoint": str(ckpt_path)})
     samples = load_samples(bundle, data, config.train_split, config.train_images)
-    criterion = v8DetectionLoss(model)
+    # The detection loss on the labels, and the float source as teacher: its class probabilities on every anchor and
+    # its box distributions where it sees an object (the distill command's loss), so training pulls the quantized
+    # model towards what the float model outputs rather than only towards the 192 images' labels.
+    criterion = DistillLoss(model, teacher if teacher is not None else model)
     for epoch in range(len(run.history) + 1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -242,12 +238,10 @@ def finetune(
         epoch_batches = batches(samples, config.batch, rng)
         for i, batch in enumerate(epoch_batches, 1):
             preds = model(batch["img"])
-            loss, items = criterion(preds, batch)
-            loss = loss.sum()
+            loss, items = criterion.base(preds, batch)
+            loss = config.labels * loss.sum()
             if teacher is not None:
-                with torch.no_grad():
-                    target = _raw(teacher(batch["img"]))
-                loss = loss + config.distill * torch.nn.functional.mse_loss(_raw(preds), target) * len(batch["img"])
+                loss = loss + config.distill * criterion.kd(criterion.base.parse_output(preds), batch["img"]) * len(batch["img"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)  # Ultralytics' own clip
