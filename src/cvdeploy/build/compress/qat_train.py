@@ -238,7 +238,9 @@ def finetune(
         epoch_batches = batches(samples, config.batch, rng)
         for i, batch in enumerate(epoch_batches, 1):
             preds = model(batch["img"])
-            loss, items = criterion.base(preds, batch)
+            # With labels 0 the detection loss is only logged (box, cls, dfl): no autograd graph and backward through it.
+            with torch.set_grad_enabled(config.labels > 0):
+                loss, items = criterion.base(preds, batch)
             loss = config.labels * loss.sum()
             if teacher is not None:
                 loss = loss + config.distill * criterion.kd(criterion.base.parse_output(preds), batch["img"]) * len(batch["img"])
