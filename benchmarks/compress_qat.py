@@ -1,7 +1,7 @@
 """QAT against PTQ at the same (aggressive) INT8 recipe on the demo detector, accuracy and speed in one run:
 
     nice -n 10 python benchmarks/compress_qat.py --out work-tmp/compress/qat [--recipe u8s8-w7 --per-tensor]
-        [--train-images 192 --epochs 2 --lr 5e-5 --distill 1 --labels 0 --seed 0] [--no-resume]
+        [--train-images 192 --epochs 4 --lr 5e-5 --distill 1 --labels 0 --range-lr 3e-2 --seed 0] [--no-resume]
 
 1. The shapes set of the demo model (train split: its own 800 training images, seed 0; val: 200 images, seed 0) and a
    bundle of yolo11n-shapes.pt with onnx-fp32 and the default onnx-int8 (PTQ, recipe chosen on this machine).
@@ -34,11 +34,12 @@ def main() -> None:
     p.add_argument("--per-channel", dest="per_tensor", action="store_false")
     p.add_argument("--calib-images", type=int, default=64)
     p.add_argument("--train-images", type=int, default=192)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--distill", type=float, default=1.0)
     p.add_argument("--labels", type=float, default=0.0, help="weight of the detection loss (0: distillation only)")
+    p.add_argument("--range-lr", type=float, default=3e-2, help="Adam lr of the activation ranges (0: not trained)")
     p.add_argument("--seed", type=int, default=0, help="QAT data order and flips (the data set stays seed 0)")
     p.add_argument("--val-images", type=int, default=0, help="per-epoch fake-quant mAP on this many val images (0: none)")
     p.add_argument("--rounds", type=int, default=20, help="latency: interleaved rounds (10 runs each)")
@@ -67,7 +68,7 @@ def main() -> None:
 
     config = QatConfig(recipe=args.recipe, per_channel=not args.per_tensor, calib_images=args.calib_images,
                        train_images=args.train_images, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                       distill=args.distill, labels=args.labels, seed=args.seed, val_images=args.val_images)
+                       distill=args.distill, labels=args.labels, seed=args.seed, range_lr=args.range_lr, val_images=args.val_images)
 
     def progress(event: str, d: dict) -> None:
         if event != "step" or d["step"] % 8 == 0:

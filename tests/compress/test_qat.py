@@ -85,6 +85,8 @@ def test_bad_settings_fail_early() -> None:
         QatConfig(calib_method="entropy")
     with pytest.raises(InputError, match="needs a loss"):
         QatConfig(distill=0, labels=0)
+    with pytest.raises(InputError, match="range-lr"):
+        QatConfig(range_lr=-1e-3)
 
 
 def test_qat_variant_is_qdq_verified_and_recorded(tiny: tuple[Path, Path, Path], demo_pt: Path) -> None:
@@ -107,6 +109,7 @@ def test_qat_variant_is_qdq_verified_and_recorded(tiny: tuple[Path, Path, Path],
     # ONNX Runtime runs it with the INT8 kernels of the PTQ graph of the same recipe, op type for op type.
     assert record["node_types"].get("QLinearConv", 0) > 50
     assert record["same_node_types_as_ptq"] is True
+    assert record["ranges"]["trained"] is True and record["ranges"]["tensors"] > 200
     assert record["node_types"] == node_types(root / "run" / "ptq-int8.onnx")
 
     b = Bundle.load(bundle)
@@ -152,6 +155,11 @@ def test_resume_continues_from_the_last_epoch(tiny: tuple[Path, Path, Path], dem
     assert second.history[0].loss == first.history[0].loss  # epoch 1 came from the checkpoint, not trained again
     assert [d["epoch"] for e, d in events if e == "epoch"] == [2]
     assert json.loads((run_dir / "qat_history.json").read_text())[1]["epoch"] == 2
+    # the activation ranges trained (range-lr > 0, the default) and were not re-calibrated away at the end
+    assert any(float(m.log_range.abs().max()) > 0 for m in second.fake_quant.modules())
+    assert not any(m.log_range.requires_grad for m in second.fake_quant.modules())
+    fixed = finetune(b, demo_pt, data, QatConfig(epochs=1, **{**TINY, "range_lr": 0.0}), plan, calib, root / "fixed")
+    assert all(float(m.log_range.abs().max()) == 0 for m in fixed.fake_quant.modules())
     with pytest.raises(InputError, match="other QAT settings"):
         finetune(b, demo_pt, data, QatConfig(epochs=3, **{**TINY, "lr": 5e-4}), plan, calib, run_dir)
     # a checkpoint trained under an older simulation (other quantizers) is not resumed
@@ -193,7 +201,7 @@ def test_fake_quant_covers_every_tensor_the_graph_requantizes(tiny: tuple[Path, 
         torch.testing.assert_close(torch_outputs(model(x))[0], torch_outputs(plain(x))[0], rtol=1e-5, atol=1e-3)
     fq.calibrate(model, calib)
     softmax = fq.activations["model_10_m_0_attn_Softmax"]
-    assert float(softmax.lo) >= 0.0 and float(softmax.hi) <= 1.0 + 1e-6
+    assert (float(softmax.lo), float(softmax.hi)) == (0.0, 1.0)  # as ONNX Runtime sets it, whatever the data
 
     # The same simulation without the Adds and the attention block (convolutions and SiLU only, cvdeploy 0.x's first)
     convs_only = load_fused(demo_pt).eval()
@@ -213,3 +221,50 @@ def test_fake_quant_covers_every_tensor_the_graph_requantizes(tiny: tuple[Path, 
 
     errors = {"simulated": error(model), "convs and SiLU only": error(convs_only), "float": error(plain)}
     assert errors["simulated"] < errors["convs and SiLU only"] < errors["float"], errors
+
+
+def test_one_quantizer_per_tensor_and_its_range_reaches_the_graph(tiny: tuple[Path, Path, Path], demo_pt: Path) -> None:
+    """A convolution reading a Split's output uses the scale of the tensor before the Split (as the graph does), a
+    Concat that had one input's scale keeps it, and the
+    ranges the torch model holds (trained or not) become the INT8 graph's scales and zero points through ONNX Runtime's
+    overrides; without them the graph quantizes otherwise, and the check says which tensors."""
+    import onnx
+
+    from cvdeploy.build.compress.qat import ptq_reference
+    from cvdeploy.build.compress.qat_export import graph_scales, quantize_like_ptq, scale_mismatches
+    from cvdeploy.build.compress.qat_fakequant import insert_fake_quant, quant_plan
+    from cvdeploy.build.compress.qat_train import load_fused
+    from cvdeploy.bundle.bundle import Bundle
+
+    bundle, data, root = tiny
+    b = Bundle.load(bundle)
+    work = root / "ranges"
+    work.mkdir()
+    cfg = QatConfig(recipe="u8s8-w7", per_channel=False, **TINY)
+    ptq, calib, _ = ptq_reference(b, data, cfg, work, measure=False)
+    plan = quant_plan(onnx.load(str(ptq)))
+    assert plan.input_tensors["/model.2/m.0/cv1/conv/Conv"] == "/model.2/cv1/act/Mul_output_0"  # through the Split
+    model = load_fused(demo_pt).eval()
+    fq = insert_fake_quant(model, cfg.int8_recipe(), plan)
+    fq.calibrate(model, calib)
+    assert fq.activations["model_2_m_0_cv1_conv_in"] is fq.activations["model_2_cv1_conv_silu"].out_fq
+    # a Concat calibrated to one input's scale (PTQ's QLinearConcat copies that input) stays tied to it
+    concat = "/model.2/Concat_output_0"
+    assert any(concat in tied for tied in plan.aliases.values())
+    assert fq.activations["model_2_cv2_conv_in"].tensor in plan.aliases
+    assert scale_mismatches(graph_scales(ptq), fq) == []  # min/max calibrated alike on both sides
+
+    with torch.no_grad():  # ranges as training may leave them: every tensor's min and max scaled differently
+        for i, m in enumerate(fq.modules()):
+            m.log_range.copy_(torch.tensor([-0.1 - 0.01 * (i % 7), -0.3 + 0.02 * (i % 11)]))
+    fp32 = b.variant_path("onnx-fp32")
+    graph = graph_scales(quantize_like_ptq(fp32, work / "ranged.onnx", calib, cfg.int8_recipe(), quantize_head=False,
+                                           ranges=fq.ranges()))
+    assert scale_mismatches(graph, fq) == []
+    tensor = "/model.2/cv1/act/Mul_output_0"
+    assert graph[tensor] != graph_scales(ptq)[tensor]
+    assert graph["/model.2/Split_output_1"] == graph[tensor]  # the Split passes the overridden scale on
+    assert graph[concat] == graph[fq.activations["model_2_cv2_conv_in"].tensor] != graph_scales(ptq)[concat]
+    plain = graph_scales(quantize_like_ptq(fp32, work / "plain.onnx", calib, cfg.int8_recipe(), quantize_head=False))
+    missed = scale_mismatches(plain, fq)
+    assert len(missed) > 200 and any(tensor in m for m in missed)

@@ -137,10 +137,12 @@ def quantize_int8(
     recipe: Int8Recipe,
     *,
     float_nodes: Sequence[str] = (),
+    ranges: dict[str, tuple[float, float]] | None = None,
 ) -> None:
     """Static QDQ quantization of `src` to `dst`, calibrated on `calibration` (NCHW float32, one image each).
 
-    `float_nodes` are kept in float (no QDQ pair around them).
+    `float_nodes` are kept in float (no QDQ pair around them). `ranges` replaces the calibrated (min, max) of the named
+    activation tensors (QAT's learned ranges): ONNX Runtime derives their scale and zero point from them.
     """
     onnx = _onnx()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -161,7 +163,9 @@ def quantize_int8(
             quant_format=QuantFormat.QDQ, per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
             activation_type=types[recipe.activation_type], weight_type=types[recipe.weight_type],
             calibrate_method=method, nodes_to_exclude=list(float_nodes),
-            extra_options={"ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": recipe.activation_symmetric, "WeightSymmetric": True,
+                           "TensorQuantOverrides": {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                                    for t, (lo, hi) in (ranges or {}).items()}},
         )
 
 

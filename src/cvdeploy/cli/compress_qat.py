@@ -22,12 +22,14 @@ def qat(
     per_tensor: bool = typer.Option(False, "--per-tensor", help="Per-tensor weight scales (default per channel)."),
     calib_images: int = typer.Option(64, min=1, help="Calibration images (train split), as for onnx-int8."),
     train_images: int = typer.Option(192, min=1, help="Training images (evenly spaced over the train split)."),
-    epochs: int = typer.Option(2, min=1, help="Fine-tuning epochs (resuming with more epochs continues the run)."),
+    epochs: int = typer.Option(4, min=1, help="Fine-tuning epochs (resuming with more epochs continues the run)."),
     batch: int = typer.Option(8, min=1, help="Batch size."),
     lr: float = typer.Option(5e-5, help="SGD learning rate (momentum 0.9)."),
     distill: float = typer.Option(1.0, min=0.0, help="Weight of distillation to the float model: its class probabilities "
                                   "and box distributions (0: none)."),
     labels: float = typer.Option(0.0, min=0.0, help="Weight of the detection loss on the labels (0: distillation only)."),
+    range_lr: float = typer.Option(3e-2, min=0.0, help="Adam learning rate of the activation ranges, exported as range "
+                                   "overrides (0: ranges not trained, min/max re-calibrated after training)."),
     seed: int = typer.Option(0, help="Seed of the data order and flips."),
     val_images: int = typer.Option(50, min=0, help="Val images for the per-epoch mAP of the fake-quantized model (0: none)."),
     name: str = typer.Option("onnx-qat-int8", help="Variant name (onnx-<what>-int8)."),
@@ -46,6 +48,7 @@ def qat(
 
     config = QatConfig(recipe=recipe, per_channel=not per_tensor, calib_images=calib_images,
                        train_images=train_images, epochs=epochs, batch=batch, lr=lr, distill=distill, labels=labels, seed=seed,
+                       range_lr=range_lr,
                        val_images=val_images)
 
     def progress(event: str, d: dict[str, Any]) -> None:

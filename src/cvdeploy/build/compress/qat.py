@@ -6,8 +6,9 @@
    Its QDQ layout decides which tensors the torch model fake-quantizes, its calibration images set the ranges, and its
    mAP on DATA is recorded next to QAT's.
 2. The source is fine-tuned under that quantization (`qat_train.finetune`), with a checkpoint per epoch in RUN_DIR.
-3. The trained weights are exported like the bundle's FP32 and quantized by the PTQ call (`qat_export`): the two graphs
-   quantize the same tensors with the same types. ONNX Runtime's optimized graphs of both are compared by op type.
+3. The trained weights are exported like the bundle's FP32 and quantized by the PTQ call (`qat_export`) with the
+   trained activation ranges as overrides: the two graphs quantize the same tensors with the same types, and every
+   scale of the QAT graph is checked against the torch model's. ONNX Runtime's optimized graphs are compared by op type.
 4. `common.add_compressed_variant` verifies and records the variant like any other: parity against its own torch model
    (the fake-quantized one it was trained as), the mAP budget against the bundle's onnx-fp32, latency interleaved.
 """
@@ -85,7 +86,7 @@ def qat_to_variant(
     import onnx
 
     from cvdeploy.build.compress.common import add_compressed_variant, export_onnx, precision_of, save_checkpoint
-    from cvdeploy.build.compress.qat_export import node_types, quantize_like_ptq
+    from cvdeploy.build.compress.qat_export import graph_scales, node_types, quantize_like_ptq, scale_mismatches
     from cvdeploy.build.compress.qat_fakequant import quant_plan
     from cvdeploy.bundle.bundle import Bundle
 
@@ -121,11 +122,17 @@ def qat_to_variant(
     imgsz = b.manifest.preprocess.imgsz[0]
     pt = save_checkpoint(run.float_model(model), run_dir / "qat-fp32.pt", imgsz=imgsz, extra={"cvdeploy_qat": record})
     fp32 = export_onnx(pt, run_dir / "qat-fp32.onnx", imgsz)
-    qat = quantize_like_ptq(fp32, run_dir / "qat-int8.onnx", calib, config.int8_recipe(), quantize_head=config.quantize_head)
+    # Every activation range the torch model holds (trained, or re-calibrated) goes to the graph as an override.
+    qat = quantize_like_ptq(fp32, run_dir / "qat-int8.onnx", calib, config.int8_recipe(), quantize_head=config.quantize_head,
+                            ranges=run.fake_quant.ranges())
+    if mismatches := scale_mismatches(graph_scales(qat), run.fake_quant):
+        raise BundleError(f"the QAT graph does not quantize like the model it trained ({len(mismatches)} tensors): "
+                          + "; ".join(mismatches[:5]))
     qat_types, ptq_types = node_types(qat), ptq_figures["node_types"]
     record.update({
         "source": str(model), "imgsz": imgsz, "wall_time_s": round(time.perf_counter() - t0, 1),
         "same_node_types_as_ptq": qat_types == ptq_types, "node_types": qat_types,
+        "ranges": {"tensors": len(run.fake_quant.ranges()), "trained": config.range_lr > 0},
         "ptq_reference": {k: v for k, v in ptq_figures.items() if k != "node_types"},
     })
     if qat_types != ptq_types:  # same recipe, same graph: anything else means the comparison is not like for like

@@ -2,8 +2,9 @@
 
 The fine-tuned model is exported by `common.export_onnx` (the bundle build's settings), so its FP32 graph has the FP32
 variant's opset and node names; `quantize_like_ptq` then applies `cvdeploy.build.quantize.quantize_int8` with the PTQ
-recipe, calibration images and float nodes. QAT and PTQ graphs therefore quantize the same tensors with the same types:
-only the weights (and the ranges they produce) differ. `node_types` shows what ONNX Runtime actually runs.
+recipe, calibration images and float nodes, plus the torch model's activation ranges as overrides. QAT and PTQ graphs
+therefore quantize the same tensors with the same types: only the weights and the ranges differ. `graph_scales` and
+`scale_mismatches` check that the graph's scales are the torch model's; `node_types` shows what ONNX Runtime runs.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ import numpy as np
 
 
 def quantize_like_ptq(fp32: str | os.PathLike[str], out: str | os.PathLike[str], calib: Sequence[np.ndarray], recipe: Any,
-                      *, quantize_head: bool) -> Path:
-    """The PTQ quantizer on the fine-tuned FP32 graph: same recipe, same calibration images, same float nodes."""
+                      *, quantize_head: bool, ranges: dict[str, tuple[float, float]] | None = None) -> Path:
+    """The PTQ quantizer on the fine-tuned FP32 graph: same recipe, same calibration images, same float nodes; `ranges`
+    (QAT's learned activation ranges) replace the calibrated ones of those tensors."""
     import onnx
 
     from cvdeploy.build.quantize import head_float_nodes, quantize_int8
 
     floats = [] if quantize_head else head_float_nodes(onnx.load(str(fp32), load_external_data=False))
-    quantize_int8(fp32, out, calib, recipe, float_nodes=floats)
+    quantize_int8(fp32, out, calib, recipe, float_nodes=floats, ranges=ranges)
     return Path(out)
 
 
@@ -43,3 +45,32 @@ def node_types(model_path: str | os.PathLike[str]) -> dict[str, int]:
         for n in onnx.load(so.optimized_model_filepath).graph.node:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def graph_scales(model_path: str | os.PathLike[str]) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of every activation tensor a QDQ graph quantizes, by tensor name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: (float(values[n.input[1]]), int(values[n.input[2]]) if len(n.input) > 2 else 0)
+            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in values}
+
+
+def scale_mismatches(graph: dict[str, tuple[float, int]], fake_quant: Any, *, rel: float = 1e-5) -> list[str]:
+    """Tensors whose scale or zero point in the graph is not the torch quantizer's (empty: the graph runs what the
+    fake-quantized model computes)."""
+    out = []
+    for m in fake_quant.modules():
+        if m.tensor is None or not np.isfinite(float(m.lo)):
+            continue
+        scale, zp = m.scale_zero_point()
+        for tensor in (m.tensor, *m.aliases):
+            if tensor not in graph:
+                out.append(f"{tensor}: not quantized in the graph")
+                continue
+            g_scale, g_zp = graph[tensor]
+            if abs(g_scale - scale) > rel * max(abs(scale), 1e-12) or g_zp != zp:
+                out.append(f"{tensor}: graph {g_scale:.6g}/{g_zp}, torch {scale:.6g}/{zp}")
+    return out

@@ -9,11 +9,16 @@ PSABlock) and the attention block's scaled query, both MatMuls, Softmax and Add:
 of its own. Ops that keep their input's scale in a QDQ graph (Split, Reshape, Transpose, MaxPool, Resize) need nothing,
 and a Concat's output scale is its consuming convolution's input quantizer. `FakeQuant.unsimulated` names what the
 plan quantizes and the torch side does not. The head's decoding stays float, as in the PTQ graph.
+
+There is one quantizer per ONNX tensor (`QuantPlan.input_tensors`/`output_tensors`): a convolution that reads a Split's
+output shares the quantizer of the tensor before the Split, as the graph shares its scale. So the ranges can train
+(`FakeQuant.learn_ranges`) and still be one scale per tensor, and `FakeQuant.ranges` hands them to ONNX Runtime's
+quantizer as `rmin`/`rmax` overrides (`qat_export.scale_mismatches` checks the graph took them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,28 +41,58 @@ def _qrange(qtype: str, *, reduce_range: bool = False, symmetric: bool = False) 
 
 class ActivationFQ(nn.Module):
     """One activation tensor: observes its min/max during calibration, then fake-quantizes with ONNX Runtime's
-    `compute_scale_zp` (range widened to hold 0; symmetric when the recipe says so)."""
+    `compute_scale_zp` (range widened to hold 0; symmetric when the recipe says so).
 
-    def __init__(self, qtype: str, symmetric: bool) -> None:
+    With `learn(True)` the range trains too (a learned step size and zero point, as LSQ): `log_range` scales the
+    calibrated min and max by exp(.), so the gradient reaches the clipping points, and the result is exported as the ONNX
+    tensor's `rmin`/`rmax` override (`tensor`), which ONNX Runtime turns into the same scale and zero point."""
+
+    def __init__(self, qtype: str, symmetric: bool, tensor: str | None = None) -> None:
         super().__init__()
         self.qmin, self.qmax = _qrange(qtype, symmetric=symmetric)
         self.symmetric = symmetric
+        self.tensor = tensor  # the ONNX tensor this quantizer stands for (shared by every torch site of that tensor)
+        self.aliases: list[str] = []  # other tensors the graph gives the same scale to (QuantPlan.aliases)
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.log_range = nn.Parameter(torch.zeros(2), requires_grad=False)
         self.observing = False
+        self.fixed: tuple[float, float] | None = None  # a range ONNX Runtime sets whatever the data (Softmax: 0-1)
+
+    def learn(self, on: bool = True) -> None:
+        self.log_range.requires_grad_(on)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            self.lo = torch.minimum(self.lo, x.detach().min())
-            self.hi = torch.maximum(self.hi, x.detach().max())
+            lo, hi = (x.detach().min(), x.detach().max()) if self.fixed is None else map(torch.tensor, self.fixed)
+            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
             return x
         if not torch.isfinite(self.lo):
             return x  # never calibrated: this tensor saw no data (an unused branch)
+        if self.log_range.requires_grad and torch.is_grad_enabled():
+            scale, zp = self._learnable_scale_zero_point()
+            return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zp, self.qmin, self.qmax, 1.0)
         scale, zp = self.scale_zero_point()
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, self.qmin, self.qmax)
 
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The calibrated min and max, times the learned factors (1 unless the range was trained)."""
+        factors = torch.exp(self.log_range)
+        return self.lo * factors[0], self.hi * factors[1]
+
+    def _learnable_scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.range()
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        if self.symmetric:
+            hi = torch.maximum(-lo, hi)
+            lo = -hi
+        scale = ((hi - lo) / (self.qmax - self.qmin)).clamp_min(torch.finfo(torch.float32).tiny)
+        zp = torch.full_like(scale, round((self.qmin + self.qmax) / 2)) if self.symmetric else self.qmin - lo / scale
+        return scale.reshape(1), zp.reshape(1)
+
     def scale_zero_point(self) -> tuple[float, int]:
-        lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
+        lo_t, hi_t = self.range()
+        lo, hi = min(float(lo_t), 0.0), max(float(hi_t), 0.0)
         if self.symmetric:
             hi = max(abs(lo), abs(hi))
             lo = -hi
@@ -94,10 +129,10 @@ class WeightFQ(nn.Module):
 class QuantSiLU(nn.Module):
     """SiLU as ONNX exports it (Sigmoid, then Mul), with the two outputs ONNX Runtime quantizes fake-quantized."""
 
-    def __init__(self, qtype: str, symmetric: bool, *, sigmoid: bool = True, product: bool = True) -> None:
+    def __init__(self, sigmoid_fq: nn.Module, out_fq: nn.Module) -> None:
         super().__init__()
-        self.sigmoid_fq = ActivationFQ(qtype, symmetric) if sigmoid else nn.Identity()
-        self.out_fq = ActivationFQ(qtype, symmetric) if product else nn.Identity()
+        self.sigmoid_fq = sigmoid_fq
+        self.out_fq = out_fq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_fq(x * self.sigmoid_fq(torch.sigmoid(x)))
@@ -149,6 +184,8 @@ class FakeQuant:
             m.observing = True
             m.lo.fill_(float("inf"))
             m.hi.fill_(float("-inf"))
+            with torch.no_grad():
+                m.log_range.zero_()  # a calibration starts from min/max, as ONNX Runtime's
         for w in self.weights:
             w.enabled = False
         try:
@@ -168,6 +205,25 @@ class FakeQuant:
                 model(torch.from_numpy(t))
         model.train(was_training)
 
+    def learn_ranges(self) -> list[nn.Parameter]:
+        """Make every activation range trainable; returns the parameters (one pair per ONNX tensor)."""
+        for m in self.modules():
+            m.learn(True)
+        return [m.log_range for m in self.modules()]
+
+    def freeze_ranges(self) -> None:
+        for m in self.modules():
+            m.learn(False)
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """Every quantized tensor's (min, max) by ONNX tensor name (learned, or calibrated): passed to ONNX Runtime's
+        quantizer as overrides, they give the graph the scales and zero points the torch model trained under."""
+        out: dict[str, tuple[float, float]] = {}
+        for m in self.modules():
+            if m.tensor is not None and torch.isfinite(m.lo):
+                lo, hi = m.range()
+                out.update(dict.fromkeys([m.tensor, *m.aliases], (float(lo), float(hi))))
+        return out
 
 
 def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -200,27 +256,71 @@ class QuantPlan:
     inputs: frozenset[str]  # nodes whose first input comes out of a DequantizeLinear
     outputs: frozenset[str]  # nodes whose output goes into a QuantizeLinear
     weights: frozenset[str]  # Conv nodes whose weight is quantized
+    # The ONNX tensor whose scale each of them uses (node name -> tensor): a node's output, or for an input the tensor
+    # whose scale a Split/MaxPool/Resize/Reshape on the way only passes on. Torch sites of one tensor share a quantizer.
+    input_tensors: dict[str, str] = field(default_factory=dict)
+    output_tensors: dict[str, str] = field(default_factory=dict)
+    # Concat outputs calibrated to exactly one of their inputs' scale (that input's range held the others): the PTQ
+    # graph's QLinearConcat copies that input instead of requantizing it. QAT keeps them tied (tensor -> such outputs).
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+
+
+# Ops after which ONNX Runtime's QDQ graph re-uses the input's scale and zero point (a Concat's is calibrated).
+_PASS_SCALE_OPS = _SAME_SCALE_OPS - {"Concat"}
 
 
 def quant_plan(qdq_model: Any) -> QuantPlan:
     """Read the plan off an ONNX Runtime QDQ graph (the PTQ variant): QDQ keeps the float nodes' names."""
+    from onnx import numpy_helper
+
     producer = {o: n for n in qdq_model.graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for n in qdq_model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    values = {i.name: numpy_helper.to_array(i) for i in qdq_model.graph.initializer}
 
     def dq(tensor: str) -> bool:
         p = producer.get(tensor)
         return p is not None and p.op_type == "DequantizeLinear"
 
+    def qparams(q: Any) -> tuple[float, float]:
+        return float(values[q.input[1]]), float(values[q.input[2]]) if len(q.input) > 2 else 0.0
+
+    aliases: dict[str, list[str]] = {}
+
+    def upstream_q(tensor: str) -> Any:
+        """The QuantizeLinear behind a DequantizeLinear output."""
+        return producer.get(producer[tensor].input[0])
+
+    def root(dq_output: str) -> str:
+        """The float tensor behind a DequantizeLinear output, followed back through scale-passing ops and through
+        Concats whose scale is one of their inputs'."""
+        q = upstream_q(dq_output)
+        tensor, concats = q.input[0], []
+        while (p := producer.get(tensor)) is not None and p.op_type in _SAME_SCALE_OPS:
+            candidates = p.input if p.op_type == "Concat" else p.input[:1]
+            same = [u for i in candidates if dq(i) and (u := upstream_q(i)) is not None
+                    and u.op_type == "QuantizeLinear" and qparams(u) == qparams(q)]
+            if not same:
+                break
+            if p.op_type == "Concat":
+                concats.append(tensor)
+            q, tensor = same[0], same[0].input[0]
+        for c in concats:
+            if c not in aliases.setdefault(tensor, []):
+                aliases[tensor].append(c)
+        return tensor
+
     qdq = {"QuantizeLinear", "DequantizeLinear"}
     float_nodes = [n for n in qdq_model.graph.node if n.op_type not in qdq]
+    inputs = {n.name: root(n.input[0]) for n in float_nodes if n.input and dq(n.input[0])}
+    outputs = {n.name: n.output[0] for n in float_nodes
+               if any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], []))}
     return QuantPlan(
-        inputs=frozenset(n.name for n in float_nodes if n.input and dq(n.input[0])),
-        outputs=frozenset(n.name for n in float_nodes
-                          if any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], []))),
+        inputs=frozenset(inputs), outputs=frozenset(outputs),
         weights=frozenset(n.name for n in float_nodes if n.op_type == "Conv" and len(n.input) > 1 and dq(n.input[1])),
+        input_tensors=inputs, output_tensors=outputs, aliases=aliases,
     )
 
 
@@ -232,6 +332,19 @@ def insert_fake_quant(model: nn.Module, recipe: Int8Recipe, plan: QuantPlan) -> 
 
     qtype, sym = recipe.activation_type, recipe.activation_symmetric
     inputs, outputs, weights = ({torch_key(n) for n in names} for names in (plan.inputs, plan.outputs, plan.weights))
+    in_tensor = {torch_key(n): t for n, t in plan.input_tensors.items()}
+    out_tensor = {torch_key(n): t for n, t in plan.output_tensors.items()}
+    by_tensor: dict[str, ActivationFQ] = {}
+
+    def quantizer(tensor: str | None) -> ActivationFQ:
+        """One quantizer per ONNX tensor: every torch site of a tensor uses the scale the graph gives it."""
+        if tensor is None:
+            return ActivationFQ(qtype, sym)
+        if tensor not in by_tensor:
+            by_tensor[tensor] = ActivationFQ(qtype, sym, tensor)
+            by_tensor[tensor].aliases = list(plan.aliases.get(tensor, []))
+        return by_tensor[tensor]
+
     acts = nn.ModuleDict()
     convs: list[str] = []
     wfqs: list[WeightFQ] = []
@@ -242,10 +355,10 @@ def insert_fake_quant(model: nn.Module, recipe: Int8Recipe, plan: QuantPlan) -> 
         node, key = (name, "Conv"), name.replace(".", "_")
         simulated.add(node)
         if node in inputs:
-            acts[f"{key}_in"] = ActivationFQ(qtype, sym)
+            acts[f"{key}_in"] = quantizer(in_tensor.get(node))
             module.register_forward_pre_hook(lambda _m, args, fq=acts[f"{key}_in"]: (fq(args[0]),))
         if node in outputs:
-            acts[f"{key}_out"] = ActivationFQ(qtype, sym)
+            acts[f"{key}_out"] = quantizer(out_tensor.get(node))
             module.register_forward_hook(lambda _m, _a, out, fq=acts[f"{key}_out"]: fq(out))
         if node in weights:
             wfqs.append(WeightFQ(recipe))
@@ -253,19 +366,21 @@ def insert_fake_quant(model: nn.Module, recipe: Int8Recipe, plan: QuantPlan) -> 
             convs.append(name)
         block_name = name.rsplit(".", 1)[0] if "." in name else ""
         block = model.get_submodule(block_name) if block_name else model
-        sigmoid, product = (f"{block_name}.act", "Sigmoid") in outputs, (f"{block_name}.act", "Mul") in outputs
+        sigmoid, product = (f"{block_name}.act", "Sigmoid"), (f"{block_name}.act", "Mul")
         # Ultralytics' Conv blocks share one nn.SiLU instance (Conv.default_act): each block gets its own quantized one.
-        if isinstance(getattr(block, "act", None), nn.SiLU) and getattr(block, "conv", None) is module and (sigmoid or product):
-            block.act = QuantSiLU(qtype, sym, sigmoid=sigmoid, product=product)
+        if isinstance(getattr(block, "act", None), nn.SiLU) and getattr(block, "conv", None) is module and (
+                sigmoid in outputs or product in outputs):
+            block.act = QuantSiLU(quantizer(out_tensor.get(sigmoid)) if sigmoid in outputs else nn.Identity(),
+                                  quantizer(out_tensor.get(product)) if product in outputs else nn.Identity())
             acts[f"{key}_silu"] = block.act
-            simulated |= {(f"{block_name}.act", "Sigmoid"), (f"{block_name}.act", "Mul")}
-    simulated |= _insert_block_quantizers(model, outputs, acts, qtype, sym)
+            simulated |= {sigmoid, product}
+    simulated |= _insert_block_quantizers(model, outputs, acts, lambda node: quantizer(out_tensor.get(node)))
     unsimulated = sorted(f"{mod}/{op}" for mod, op in outputs - simulated if op.split("_")[0] not in _SAME_SCALE_OPS)
     return FakeQuant(acts, convs, wfqs, unsimulated)
 
 
-def _insert_block_quantizers(model: nn.Module, outputs: set[tuple[str, str]], acts: nn.ModuleDict, qtype: str,
-                             sym: bool) -> set[tuple[str, str]]:
+def _insert_block_quantizers(model: nn.Module, outputs: set[tuple[str, str]], acts: nn.ModuleDict,
+                             quantizer: Callable[[tuple[str, str]], ActivationFQ]) -> set[tuple[str, str]]:
     """Residual Adds (Bottleneck, PSABlock) and the attention block's requantized tensors. Returns the plan entries
     covered. The quantizers live in `acts` only, so the model's state dict keeps the plain model's keys."""
     import types
@@ -276,7 +391,9 @@ def _insert_block_quantizers(model: nn.Module, outputs: set[tuple[str, str]], ac
         out: dict[str, nn.Module] = {}
         for op in ops:
             if (name, op) in outputs:
-                acts[f"{name.replace('.', '_')}_{op}"] = out[op] = ActivationFQ(qtype, sym)
+                acts[f"{name.replace('.', '_')}_{op}"] = out[op] = fq = quantizer((name, op))
+                if op == "Softmax":
+                    fq.fixed = (0.0, 1.0)  # ONNX Runtime sets a Softmax output's range to 0-1 (adjust_tensor_ranges)
                 covered.add((name, op))
             else:
                 out[op] = nn.Identity()

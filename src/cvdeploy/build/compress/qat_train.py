@@ -2,9 +2,10 @@
 
 The PTQ variant made with the same recipe is the starting point and the contract: its QDQ graph says which tensors are
 quantized (`qat_fakequant.quant_plan`), its calibration images set the activation ranges, and the fine-tuned weights are
-quantized at the end by the same ONNX Runtime call. Only the weights differ, trained under the quantization they will
-be served with. The loss is Ultralytics' own detection loss with the model's hyperparameters, optionally plus a
-distillation term towards the float model's raw head outputs. Every epoch ends with a checkpoint, so a run can resume.
+quantized at the end by the same ONNX Runtime call. The weights are trained under the quantization they will be served
+with, and so are the activation ranges (the scale and zero point of every quantized tensor), starting from min/max. The loss is distillation towards the float source (the distill command's class-probability and box
+distribution terms), optionally plus Ultralytics' detection loss on the labels. Every epoch ends with a checkpoint, so
+a run can resume.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import numpy as np
 from cvdeploy.errors import InputError
 
 CHECKPOINT = "qat_last.pt"
-# What the fake quantization simulates (qat_fakequant): 1 = convolutions and SiLU; 2 = also residual Adds and attention.
+# What the fake quantization simulates (qat_fakequant): 1 = convolutions and SiLU; 2 = also residual Adds and attention;
+# 3 = one quantizer per ONNX tensor (a Split's outputs use its input's scale, as in the graph) with trainable ranges.
 # A checkpoint trained under another simulation has other quantizers: it is not resumed.
-SIMULATION = 2
+SIMULATION = 3
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,14 @@ class QatConfig:
     quantize_head: bool = False  # as onnx-int8's --quantize-head: the head's decoding stays float by default
     train_split: str = "train"
     train_images: int = 192
-    epochs: int = 2
+    epochs: int = 4
     batch: int = 8
     lr: float = 5e-5  # SGD, momentum 0.9: low, so that the float accuracy does not drift (2e-4 lost 0.5 point in float)
     distill: float = 1.0  # weight of the distillation term towards the float model (distill.DistillLoss.kd); 0 = none
     labels: float = 0.0  # weight of Ultralytics' detection loss on the labels; 0 = distillation only (the default:
     # fitting 192 images' labels moved the float model away from what its 24 epochs had found)
+    range_lr: float = 3e-2  # Adam learning rate of the activation ranges (log of the factors on the calibrated min and
+    # max, exported as ONNX Runtime range overrides); 0 = ranges not trained, min/max re-calibrated after training
     seed: int = 0
     val_images: int = 100  # the fake-quantized model's mAP50-95 after each epoch on this many val images; 0 = none
 
@@ -63,8 +67,8 @@ class QatConfig:
                 raise InputError(f"QAT {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
             raise InputError(f"QAT learning rate must be in (0, 1), got {self.lr}")
-        if self.distill < 0 or self.labels < 0 or self.val_images < 0:
-            raise InputError("QAT distill and labels weights and val-images must be >= 0")
+        if self.distill < 0 or self.labels < 0 or self.val_images < 0 or self.range_lr < 0:
+            raise InputError("QAT distill and labels weights, range-lr and val-images must be >= 0")
         if self.distill == 0 and self.labels == 0:
             raise InputError("QAT needs a loss: a distill or a labels weight above 0")
 
@@ -205,8 +209,11 @@ def finetune(
     fq = insert_fake_quant(model, config.int8_recipe(), plan)
     say("calibrate", {"images": len(calib)})
     fq.calibrate(model, calib)  # the PTQ calibration, on the float model: ONNX Runtime's MinMax ranges
-    params = [p for p in model.parameters() if p.requires_grad]
+    ranges = fq.learn_ranges() if config.range_lr > 0 else []
+    params = [p for p in model.parameters() if p.requires_grad and not any(p is r for r in ranges)]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True)
+    # The ranges are log-factors on very different scales of tensor: Adam's per-parameter steps suit them.
+    range_optimizer = torch.optim.Adam(ranges, lr=config.range_lr) if ranges else None
     run = QatRun(model)
     rng = np.random.default_rng(config.seed)
     if resume and ckpt_path.is_file():
@@ -220,6 +227,8 @@ def finetune(
         model.load_state_dict(state["model"])
         fq.activations.load_state_dict(state["activations"])
         optimizer.load_state_dict(state["optimizer"])
+        if range_optimizer is not None:
+            range_optimizer.load_state_dict(state["range_optimizer"])
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         run.history = [EpochRecord(**h) for h in state["history"]]
@@ -245,9 +254,13 @@ def finetune(
             if teacher is not None:
                 loss = loss + config.distill * criterion.kd(criterion.base.parse_output(preds), batch["img"]) * len(batch["img"])
             optimizer.zero_grad(set_to_none=True)
+            if range_optimizer is not None:
+                range_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)  # Ultralytics' own clip
             optimizer.step()
+            if range_optimizer is not None:
+                range_optimizer.step()
             parts = list(items.values()) if isinstance(items, dict) else list(items)  # box, cls, dfl
             sums += [float(loss.detach()), *(float(x) for x in parts[:3])]
             say("step", {"epoch": epoch, "epochs": config.epochs, "step": i, "steps": len(epoch_batches),
@@ -260,12 +273,14 @@ def finetune(
         run.train_seconds += secs
         _save(ckpt_path, {"simulation": SIMULATION, "config": asdict(config), "model": model.state_dict(), "activations": fq.activations.state_dict(),
                           "optimizer": optimizer.state_dict(), "rng": rng.bit_generator.state,
+                          "range_optimizer": None if range_optimizer is None else range_optimizer.state_dict(),
                           "torch_rng": torch.get_rng_state(), "history": [asdict(h) for h in run.history],
                           "train_seconds": run.train_seconds})
         say("epoch", asdict(run.history[-1]) | {"epochs": config.epochs})
     (work / "qat_history.json").write_text(json.dumps([asdict(h) for h in run.history], indent=2))
-    # The deployed graph is calibrated again on the fine-tuned weights; so is the torch model it is held against.
-    fq.calibrate(model, calib)
+    if range_optimizer is None:  # ranges not trained: min/max again on the fine-tuned weights, as PTQ would
+        fq.calibrate(model, calib)
+    fq.freeze_ranges()
     model.eval()
     run.fake_quant = fq
     return run
