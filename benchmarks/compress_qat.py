@@ -1,6 +1,6 @@
 """QAT against PTQ at the same (aggressive) INT8 recipe on the demo detector, accuracy and speed in one run:
 
-    nice -n 10 python benchmarks/compress_qat.py --out work-tmp/compress/qat [--recipe u8s8-w7 --per-tensor]
+    nice -n 10 python benchmarks/compress_qat.py --out work-tmp/compress/qat [--recipe u8s8-w7 --per-tensor --calib-method minmax]
         [--train-images 192 --epochs 4 --lr 5e-5 --distill 1 --labels 0 --range-lr 3e-2 --seed 0] [--no-resume]
 
 1. The shapes set of the demo model (train split: its own 800 training images, seed 0; val: 200 images, seed 0) and a
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--per-tensor", action="store_true", default=True)
     p.add_argument("--per-channel", dest="per_tensor", action="store_false")
     p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"])
     p.add_argument("--train-images", type=int, default=192)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
@@ -67,6 +68,7 @@ def main() -> None:
         print(f"default PTQ onnx-int8 built in {time.time() - t0:.0f} s", flush=True)
 
     config = QatConfig(recipe=args.recipe, per_channel=not args.per_tensor, calib_images=args.calib_images,
+                       calib_method=args.calib_method,
                        train_images=args.train_images, epochs=args.epochs, batch=args.batch, lr=args.lr,
                        distill=args.distill, labels=args.labels, seed=args.seed, range_lr=args.range_lr, val_images=args.val_images)
 
@@ -82,10 +84,12 @@ def main() -> None:
     m = Bundle.load(bundle).manifest
     print(f"onnx-qat-int8: {'written' if outcome.written else 'NOT written: ' + outcome.reason}", flush=True)
 
+    recipe = (f"{config.recipe}{' per-tensor' if args.per_tensor else ''}"
+              f"{'' if args.calib_method == 'minmax' else ' ' + args.calib_method}")
     graphs = {"onnx-fp32": (bundle / m.variants["onnx-fp32"].file, "onnxruntime", "fp32"),
               "onnx-int8 (PTQ default)": (bundle / m.variants["onnx-int8"].file, "onnxruntime", "int8"),
-              f"PTQ {config.recipe}{' per-tensor' if args.per_tensor else ''}": (out / "run" / "ptq-int8.onnx", "onnxruntime", "int8"),
-              f"QAT {config.recipe}{' per-tensor' if args.per_tensor else ''}": (out / "run" / "qat-int8.onnx", "onnxruntime", "int8")}
+              f"PTQ {recipe}": (out / "run" / "ptq-int8.onnx", "onnxruntime", "int8"),
+              f"QAT {recipe}": (out / "run" / "qat-int8.onnx", "onnxruntime", "int8")}
     golden = next(Bundle.load(bundle).golden()).input[:1]
     lat = interleaved_latency(graphs, golden, rounds=args.rounds, per_round=10, warmup=5)
     labels = list(graphs)

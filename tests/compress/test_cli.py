@@ -71,10 +71,13 @@ def test_qat_json_on_stdout_and_the_variant_in_the_bundle(tiny: tuple[Path, Path
     bundle = tmp_path / "b.cvd"
     shutil.copytree(src, bundle)
     p = _run("qat", bundle, "--model", demo_pt, "--data", data, "-o", tmp_path / "run", "--train-images", "16",
-             "--epochs", "1", "--calib-images", "4", "--val-images", "4", "--max-map-drop", "100", "--json", "-")
+             "--epochs", "1", "--calib-images", "4", "--val-images", "4", "--max-map-drop", "100", "--json", "-",
+             "--calib-method", "percentile")
     assert p.returncode == 0, p.stderr[-3000:]
     record = json.loads(p.stdout)  # the training record alone on stdout; the variant table went to stderr
     assert record["epochs"] == 1 and record["train_images"] == 16
+    # started from the percentile PTQ graph's scales; the graph got the trained ranges (checked tensor by tensor)
+    assert record["config"]["calib_method"] == "percentile" and record["ranges"]["trained"] is True
     variant = _manifest_variants(bundle)["onnx-qat-int8"]
     assert variant["precision"] == "int8" and variant["training"]["epochs"] == 1
     assert "onnx-qat-int8" in p.stderr  # the variants table, on stderr

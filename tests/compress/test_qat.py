@@ -81,8 +81,8 @@ def test_bad_settings_fail_early() -> None:
         QatConfig(recipe="u4s4")
     with pytest.raises(InputError, match="epochs"):
         QatConfig(epochs=0)
-    with pytest.raises(InputError, match="minmax"):
-        QatConfig(calib_method="entropy")
+    with pytest.raises(InputError, match="calibration method"):
+        QatConfig(calib_method="kl")
     with pytest.raises(InputError, match="needs a loss"):
         QatConfig(distill=0, labels=0)
     with pytest.raises(InputError, match="range-lr"):
@@ -268,3 +268,14 @@ def test_one_quantizer_per_tensor_and_its_range_reaches_the_graph(tiny: tuple[Pa
     plain = graph_scales(quantize_like_ptq(fp32, work / "plain.onnx", calib, cfg.int8_recipe(), quantize_head=False))
     missed = scale_mismatches(plain, fq)
     assert len(missed) > 200 and any(tensor in m for m in missed)
+
+    # A PTQ graph calibrated otherwise (percentile) is a starting point too: its scales become the torch ranges.
+    percentile = QatConfig(recipe="u8s8-w7", per_channel=False, calib_method="percentile", **TINY)
+    (work / "percentile").mkdir()
+    ptq_p, _, _ = ptq_reference(b, data, percentile, work / "percentile", measure=False)
+    model_p = load_fused(demo_pt).eval()
+    fq_p = insert_fake_quant(model_p, cfg.int8_recipe(), quant_plan(onnx.load(str(ptq_p))))
+    fq_p.calibrate(model_p, calib)  # min/max: not the percentile graph's scales
+    assert len(scale_mismatches(graph_scales(ptq_p), fq_p)) > 50
+    fq_p.set_scales(graph_scales(ptq_p))
+    assert scale_mismatches(graph_scales(ptq_p), fq_p) == []

@@ -6,8 +6,10 @@ every variant (parity on the golden inputs, mAP on the controlled set) before it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -155,7 +157,8 @@ def quantize_int8(
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[recipe.calib_method]
-    with tempfile.TemporaryDirectory(prefix="cvdeploy-int8-") as tmp:
+    # ONNX Runtime's histogram calibrators print their progress: to stderr, so that `--json -` keeps stdout clean.
+    with tempfile.TemporaryDirectory(prefix="cvdeploy-int8-") as tmp, contextlib.redirect_stdout(sys.stderr):
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         quantize_static(

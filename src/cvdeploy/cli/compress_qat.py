@@ -21,6 +21,8 @@ def qat(
     recipe: str = typer.Option("u8s8-w7", help="INT8 recipe, as for onnx-int8: u8s8-w7, u8s8-w8 or s8s8-asym."),
     per_tensor: bool = typer.Option(False, "--per-tensor", help="Per-tensor weight scales (default per channel)."),
     calib_images: int = typer.Option(64, min=1, help="Calibration images (train split), as for onnx-int8."),
+    calib_method: str = typer.Option("minmax", help="PTQ calibration (minmax, percentile or entropy): QAT starts from "
+                                     "the PTQ graph's scales and is compared with it."),
     train_images: int = typer.Option(192, min=1, help="Training images (evenly spaced over the train split)."),
     epochs: int = typer.Option(4, min=1, help="Fine-tuning epochs (resuming with more epochs continues the run)."),
     batch: int = typer.Option(8, min=1, help="Batch size."),
@@ -46,7 +48,7 @@ def qat(
     from cvdeploy.cli.info import variants_table
     from cvdeploy.cli.output import result_console, write_json
 
-    config = QatConfig(recipe=recipe, per_channel=not per_tensor, calib_images=calib_images,
+    config = QatConfig(recipe=recipe, per_channel=not per_tensor, calib_images=calib_images, calib_method=calib_method,
                        train_images=train_images, epochs=epochs, batch=batch, lr=lr, distill=distill, labels=labels, seed=seed,
                        range_lr=range_lr,
                        val_images=val_images)

@@ -28,10 +28,10 @@ from cvdeploy.errors import BundleError, InputError
 DEFAULT_NAME = "onnx-qat-int8"
 Progress = Callable[[str, dict[str, Any]], None]
 
-__all__ = ["DEFAULT_NAME", "QatConfig", "ptq_reference", "qat_to_variant"]
+__all__ = ["DEFAULT_NAME", "QatConfig", "graph_map", "ptq_reference", "qat_to_variant"]
 
 
-def _graph_map(bundle: Any, graph: Path, data: str | os.PathLike[str]) -> dict[str, float]:
+def graph_map(bundle: Any, graph: Path, data: str | os.PathLike[str]) -> dict[str, float]:
     """mAP of an ONNX graph through the bundle's Predictor (a variant entry that exists only for this measurement)."""
     from cvdeploy.build.variants import map_of
     from cvdeploy.bundle.bundle import Bundle, sha256_file
@@ -60,7 +60,7 @@ def ptq_reference(bundle: Any, data: str | os.PathLike[str], config: QatConfig, 
     figures: dict[str, Any] = {"recipe": config.int8_recipe().to_dict(), "calib_images": len(calib),
                                "node_types": node_types(ptq)}
     if measure:
-        figures.update(_graph_map(bundle, ptq, data))
+        figures.update(graph_map(bundle, ptq, data))
     return ptq, calib, figures
 
 
@@ -115,7 +115,7 @@ def qat_to_variant(
         raise BundleError("the PTQ graph quantizes no convolution: nothing for QAT to train for")
 
     step(name, f"fine-tune {config.epochs} epoch(s) under fake quantization")
-    run = finetune(b, model, data, config, plan, calib, run_dir, resume=resume, progress=say)
+    run = finetune(b, model, data, config, plan, calib, run_dir, scales=graph_scales(ptq), resume=resume, progress=say)
 
     step(name, "export and quantize like PTQ")
     record = run.record(config, data, config.train_images)

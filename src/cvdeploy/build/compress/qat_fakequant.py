@@ -58,6 +58,7 @@ class ActivationFQ(nn.Module):
         self.log_range = nn.Parameter(torch.zeros(2), requires_grad=False)
         self.observing = False
         self.fixed: tuple[float, float] | None = None  # a range ONNX Runtime sets whatever the data (Softmax: 0-1)
+        self.enabled = True  # False: values pass through (to measure what the activations' quantization costs)
 
     def learn(self, on: bool = True) -> None:
         self.log_range.requires_grad_(on)
@@ -67,8 +68,8 @@ class ActivationFQ(nn.Module):
             lo, hi = (x.detach().min(), x.detach().max()) if self.fixed is None else map(torch.tensor, self.fixed)
             self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
             return x
-        if not torch.isfinite(self.lo):
-            return x  # never calibrated: this tensor saw no data (an unused branch)
+        if not self.enabled or not torch.isfinite(self.lo):
+            return x  # switched off, or never calibrated: this tensor saw no data (an unused branch)
         if self.log_range.requires_grad and torch.is_grad_enabled():
             scale, zp = self._learnable_scale_zero_point()
             return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zp, self.qmin, self.qmax, 1.0)
@@ -204,6 +205,17 @@ class FakeQuant:
             for t in tensors:
                 model(torch.from_numpy(t))
         model.train(was_training)
+
+    def set_scales(self, scales: dict[str, tuple[float, int]]) -> None:
+        """Start from a QDQ graph's (scale, zero point) per tensor: the range that ONNX Runtime's rule maps back to
+        them, [(qmin - zp) * scale, (qmax - zp) * scale]. Tensors not in `scales` keep their calibration."""
+        for m in self.modules():
+            if m.tensor in scales:
+                scale, zp = scales[m.tensor]
+                m.lo = torch.tensor((m.qmin - zp) * scale, dtype=torch.float32)
+                m.hi = torch.tensor((m.qmax - zp) * scale, dtype=torch.float32)
+                with torch.no_grad():
+                    m.log_range.zero_()
 
     def learn_ranges(self) -> list[nn.Parameter]:
         """Make every activation range trainable; returns the parameters (one pair per ONNX tensor)."""

@@ -1,9 +1,10 @@
 """Quantization-aware fine-tuning of an Ultralytics detect model, starting from the PTQ graph it must beat.
 
 The PTQ variant made with the same recipe is the starting point and the contract: its QDQ graph says which tensors are
-quantized (`qat_fakequant.quant_plan`), its calibration images set the activation ranges, and the fine-tuned weights are
-quantized at the end by the same ONNX Runtime call. The weights are trained under the quantization they will be served
-with, and so are the activation ranges (the scale and zero point of every quantized tensor), starting from min/max. The loss is distillation towards the float source (the distill command's class-probability and box
+quantized (`qat_fakequant.quant_plan`) and with which scales (the starting ranges, whatever calibration made them), and
+the fine-tuned weights are quantized at the end by the same ONNX Runtime call. The weights are trained under the
+quantization they will be served with, and so are the activation ranges (the scale and zero point of every quantized
+tensor). The loss is distillation towards the float source (the distill command's class-probability and box
 distribution terms), optionally plus Ultralytics' detection loss on the labels. Every epoch ends with a checkpoint, so
 a run can resume.
 """
@@ -36,7 +37,7 @@ class QatConfig:
 
     recipe: str = "u8s8-w7"  # the INT8 recipe (cvdeploy.build.quantize.INT8_RECIPES), as for PTQ
     per_channel: bool = True
-    calib_method: str = "minmax"
+    calib_method: str = "minmax"  # the PTQ graph's; QAT starts from that graph's scales, whatever the method
     calib_images: int = 64
     quantize_head: bool = False  # as onnx-int8's --quantize-head: the head's decoding stays float by default
     train_split: str = "train"
@@ -59,9 +60,6 @@ class QatConfig:
             raise InputError(f"unknown INT8 recipe {self.recipe!r}; choose from {', '.join(INT8_RECIPES)}")
         if self.calib_method not in CALIB_METHODS:
             raise InputError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {self.calib_method!r}")
-        if self.calib_method != "minmax":
-            # The torch side reproduces min/max ranges only: a graph calibrated otherwise is not what was trained.
-            raise InputError(f"QAT mirrors minmax calibration only, got {self.calib_method!r}")
         for name in ("calib_images", "train_images", "epochs", "batch"):
             if getattr(self, name) < 1:
                 raise InputError(f"QAT {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -188,11 +186,13 @@ def finetune(
     calib: Sequence[np.ndarray],
     work_dir: str | os.PathLike[str],
     *,
+    scales: dict[str, tuple[float, int]] | None = None,
     resume: bool = True,
     progress: Progress | None = None,
 ) -> QatRun:
-    """Fine-tune `source_pt` under fake quantization (`plan`, ranges calibrated on `calib`); checkpoint each epoch in
-    `work_dir` and, with `resume`, continue from a checkpoint of the same configuration."""
+    """Fine-tune `source_pt` under fake quantization (`plan`, ranges calibrated on `calib`, then set to the PTQ graph's
+    `scales` where given: `qat_export.graph_scales`); checkpoint each epoch in `work_dir` and, with `resume`, continue
+    from a checkpoint of the same configuration."""
     import torch
 
     from cvdeploy.build.compress.distill import DistillLoss
@@ -209,6 +209,8 @@ def finetune(
     fq = insert_fake_quant(model, config.int8_recipe(), plan)
     say("calibrate", {"images": len(calib)})
     fq.calibrate(model, calib)  # the PTQ calibration, on the float model: ONNX Runtime's MinMax ranges
+    if scales:  # the PTQ graph's own scales: the same as min/max for minmax, the calibrator's for percentile or entropy
+        fq.set_scales(scales)
     ranges = fq.learn_ranges() if config.range_lr > 0 else []
     params = [p for p in model.parameters() if p.requires_grad and not any(p is r for r in ranges)]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True)
@@ -278,8 +280,8 @@ def finetune(
                           "train_seconds": run.train_seconds})
         say("epoch", asdict(run.history[-1]) | {"epochs": config.epochs})
     (work / "qat_history.json").write_text(json.dumps([asdict(h) for h in run.history], indent=2))
-    if range_optimizer is None:  # ranges not trained: min/max again on the fine-tuned weights, as PTQ would
-        fq.calibrate(model, calib)
+    if range_optimizer is None and config.calib_method == "minmax":  # min/max again on the fine-tuned weights, as PTQ
+        fq.calibrate(model, calib)  # would; another method's ranges stay the PTQ graph's
     fq.freeze_ranges()
     model.eval()
     run.fake_quant = fq
