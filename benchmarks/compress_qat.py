@@ -1,7 +1,7 @@
 """QAT against PTQ at the same (aggressive) INT8 recipe on the demo detector, accuracy and speed in one run:
 
     nice -n 10 python benchmarks/compress_qat.py --out work-tmp/compress/qat [--recipe u8s8-w7 --per-tensor --calib-method minmax]
-        [--train-images 192 --epochs 4 --lr 5e-5 --distill 1 --labels 0 --range-lr 3e-2 --seed 0] [--no-resume]
+        [--openvino] [--train-images 192 --epochs 4 --lr 5e-5 --distill 1 --labels 0 --range-lr 3e-2 --seed 0] [--no-resume]
 
 1. The shapes set of the demo model (train split: its own 800 training images, seed 0; val: 200 images, seed 0) and a
    bundle of yolo11n-shapes.pt with onnx-fp32 and the default onnx-int8 (PTQ, recipe chosen on this machine).
@@ -45,6 +45,7 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=0, help="per-epoch fake-quant mAP on this many val images (0: none)")
     p.add_argument("--rounds", type=int, default=20, help="latency: interleaved rounds (10 runs each)")
     p.add_argument("--no-resume", dest="resume", action="store_false")
+    p.add_argument("--openvino", action="store_true", help="also add and time the QAT graph as OpenVINO IR")
     args = p.parse_args()
 
     from cvdeploy.bench.latency import interleaved_latency
@@ -78,7 +79,7 @@ def main() -> None:
 
     t0 = time.time()
     outcome, record = qat_to_variant(bundle, model=DEMO_MODEL, data=data, out=out / "run", config=config,
-                                     max_map_drop=2.0, resume=args.resume, progress=progress,
+                                     max_map_drop=2.0, resume=args.resume, openvino=args.openvino, progress=progress,
                                      on_step=lambda v, s: print(f"[{time.time() - t_all:6.0f} s] {v}: {s}", flush=True))
     qat_wall = time.time() - t0
     m = Bundle.load(bundle).manifest
@@ -90,12 +91,16 @@ def main() -> None:
               "onnx-int8 (PTQ default)": (bundle / m.variants["onnx-int8"].file, "onnxruntime", "int8"),
               f"PTQ {recipe}": (out / "run" / "ptq-int8.onnx", "onnxruntime", "int8"),
               f"QAT {recipe}": (out / "run" / "qat-int8.onnx", "onnxruntime", "int8")}
+    if "openvino-qat-int8" in m.variants:
+        graphs[f"QAT {recipe}, OpenVINO IR"] = (bundle / m.variants["openvino-qat-int8"].file, "openvino", "int8")
     golden = next(Bundle.load(bundle).golden()).input[:1]
     lat = interleaved_latency(graphs, golden, rounds=args.rounds, per_round=10, warmup=5)
     labels = list(graphs)
     fp32 = m.variants["onnx-fp32"].metrics["map50_95"]
     maps = {labels[0]: fp32, labels[1]: m.variants["onnx-int8"].metrics["map50_95"],
             labels[2]: record["ptq_reference"]["map50_95"], labels[3]: record.get("map50_95")}
+    if len(labels) > 4:
+        maps[labels[4]] = m.variants["openvino-qat-int8"].metrics.get("map50_95")
     ptq_drop = 100 * (fp32 - maps[labels[2]])
     qat_drop = None if maps[labels[3]] is None else 100 * (fp32 - maps[labels[3]])
     summary = {

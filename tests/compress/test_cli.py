@@ -72,12 +72,17 @@ def test_qat_json_on_stdout_and_the_variant_in_the_bundle(tiny: tuple[Path, Path
     shutil.copytree(src, bundle)
     p = _run("qat", bundle, "--model", demo_pt, "--data", data, "-o", tmp_path / "run", "--train-images", "16",
              "--epochs", "1", "--calib-images", "4", "--val-images", "4", "--max-map-drop", "100", "--json", "-",
-             "--calib-method", "percentile")
+             "--calib-method", "percentile", "--openvino")
     assert p.returncode == 0, p.stderr[-3000:]
     record = json.loads(p.stdout)  # the training record alone on stdout; the variant table went to stderr
     assert record["epochs"] == 1 and record["train_images"] == 16
     # started from the percentile PTQ graph's scales; the graph got the trained ranges (checked tensor by tensor)
     assert record["config"]["calib_method"] == "percentile" and record["ranges"]["trained"] is True
+    # the same QDQ graph as OpenVINO IR, verified against the same fake-quantized torch model
+    assert record["openvino"]["written"] is True, record["openvino"]
+    ov = _manifest_variants(bundle)["openvino-qat-int8"]
+    assert ov["engine"] == "openvino" and ov["file"].endswith(".xml") and ov["parity"]["passed"]
+    assert any(c.endswith(".bin") for c in ov["companions"]) and "map50_95" in ov["metrics"]
     variant = _manifest_variants(bundle)["onnx-qat-int8"]
     assert variant["precision"] == "int8" and variant["training"]["epochs"] == 1
     assert "onnx-qat-int8" in p.stderr  # the variants table, on stderr

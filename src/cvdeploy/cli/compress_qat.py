@@ -37,6 +37,8 @@ def qat(
     name: str = typer.Option("onnx-qat-int8", help="Variant name (onnx-<what>-int8)."),
     max_map_drop: float = typer.Option(1.0, min=0.0, help="Largest mAP50-95 drop (points) against onnx-fp32."),
     resume: bool = typer.Option(True, help="Continue from the last epoch checkpointed in OUT by the same settings."),
+    openvino: bool = typer.Option(False, "--openvino", help="Also add the QAT graph as OpenVINO IR (openvino-<what>-int8), "
+                                  "verified the same way (needs the openvino extra)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the training record as JSON to this file ('-': stdout)."),
 ) -> None:
     """Fine-tune MODEL under the INT8 quantization of RECIPE (the PTQ graph is the starting point), quantize it with the
@@ -70,7 +72,8 @@ def qat(
         err_console.print(f"{variant}: {step}", highlight=False, soft_wrap=True)
 
     outcome, record = qat_to_variant(bundle, model=model, data=data, out=out, config=config, name=name,
-                                     max_map_drop=max_map_drop, resume=resume, progress=progress, on_step=on_step)
+                                     max_map_drop=max_map_drop, resume=resume, openvino=openvino, progress=progress,
+                                     on_step=on_step)
     if json_out is not None:
         write_json(json_out, record)
     out_console = result_console(json_out)  # the human result moves to stderr when stdout holds the JSON (`--json -`)
@@ -84,6 +87,8 @@ def qat(
                       highlight=False, soft_wrap=True)
     if not outcome.written:
         raise fail(f"{name} not written: {outcome.reason}")
+    if "openvino" in record and not record["openvino"]["written"]:
+        raise fail(f"{record['openvino']['name']} not written: {record['openvino']['reason']}")
     if json_out is None:
         err_console.print(f"training record: {json.dumps({k: record[k] for k in ('epochs', 'seed', 'train_seconds')})}",
                           highlight=False)

@@ -5,6 +5,7 @@
 
 - `name`: `onnx-<what>-fp32` or `onnx-<what>-int8` (e.g. `onnx-pruned50-fp32`, `onnx-qat-int8`); the suffix is the
   precision its parity is judged at. The names `cvdeploy build --variants` makes (onnx-fp32, onnx-int8, ...) are refused.
+  `openvino-<what>-...` converts the ONNX graph to OpenVINO IR (`variants/NAME.xml` + `.bin`), run by OpenVINO.
 - `model`: the trained compressed model, an Ultralytics `.pt` or the torch module itself (a DetectionModel).
 - `onnx`: a ready ONNX file (a QAT QDQ export); without it, `model` is exported with the bundle's own export settings.
 - `training`: the training record (data, epochs, seed, wall time, ...), JSON-serialisable; it is stored with the variant.
@@ -37,7 +38,7 @@ from cvdeploy.bundle.bundle import Bundle, set_bundle_modes, sha256_file, write_
 from cvdeploy.bundle.manifest import GoldenCase, Variant
 from cvdeploy.errors import BundleError, InputError
 
-NAME = re.compile(r"^onnx-[a-z0-9]+(?:-[a-z0-9]+)*-(fp32|int8)$")
+NAME = re.compile(r"^(?:onnx|openvino)-[a-z0-9]+(?:-[a-z0-9]+)*-(fp32|int8)$")
 GOLDEN_DIR = "golden"  # the variant's own golden outputs: golden/NAME/case_XXX.npz
 
 
@@ -48,7 +49,8 @@ def precision_of(name: str) -> str:
     m = NAME.match(name)
     if m is None or name in ALL_VARIANTS:
         raise InputError(f"compressed variant name {name!r}: use onnx-<what>-fp32 or onnx-<what>-int8 (e.g. "
-                         "onnx-pruned50-fp32), not one of the names `cvdeploy build --variants` makes")
+                         "onnx-pruned50-fp32; openvino-<what>-... for OpenVINO IR), not one of the names `cvdeploy build "
+                         "--variants` makes")
     return m.group(1)
 
 
@@ -220,15 +222,23 @@ def _make_and_check(bundle: Bundle, name: str, precision: str, model: Any, onnx:
 
     root = bundle.root
     assert root is not None
-    target = root / "variants" / f"{name}.onnx"
+    kind = _engine(name)
+    target = _target(root, name)
     net = load_torch_model(model)
-    if onnx is not None:
-        if not Path(onnx).is_file():
-            raise InputError(f"ONNX file not found: {onnx}")
-        shutil.copyfile(onnx, target)
-    else:
+    if onnx is not None and not Path(onnx).is_file():
+        raise InputError(f"ONNX file not found: {onnx}")
+    if onnx is None:
         step(name, "export ONNX")
-        export_onnx(model, target, bundle.manifest.preprocess.imgsz[0])
+        onnx = export_onnx(model, root / "variants" / f"{name}.onnx", bundle.manifest.preprocess.imgsz[0])
+    if kind == "openvino":  # the same ONNX graph (a QDQ one keeps its quantization as FakeQuantize) as OpenVINO IR
+        from cvdeploy.build.variants import _openvino
+
+        step(name, "convert to OpenVINO IR")
+        _openvino(Path(onnx), target, None, float_head=False)
+        if Path(onnx) == root / "variants" / f"{name}.onnx":
+            Path(onnx).unlink()
+    elif Path(onnx) != target:
+        shutil.copyfile(onnx, target)
     step(name, "golden outputs of its own torch model")
     companions = {}
     (root / GOLDEN_DIR / name).mkdir(parents=True, exist_ok=True)
@@ -239,13 +249,18 @@ def _make_and_check(bundle: Bundle, name: str, precision: str, model: Any, onnx:
     record = root / training_file(name)
     record.write_text(json.dumps(training, indent=2, sort_keys=True))
     companions[training_file(name)] = sha256_file(record)
-    variant = Variant(file=f"variants/{name}.onnx", precision=precision, sha256=sha256_file(target),  # type: ignore[arg-type]
-                      size_bytes=target.stat().st_size, companions=companions)
+    files = [target]
+    if kind == "openvino":
+        files.append(target.with_suffix(".bin"))
+        companions[f"variants/{name}.bin"] = sha256_file(files[-1])
+    variant = Variant(file=f"variants/{target.name}", precision=precision, sha256=sha256_file(target),  # type: ignore[arg-type]
+                      size_bytes=sum(f.stat().st_size for f in files), companions=companions,
+                      format="openvino" if kind == "openvino" else "onnx", engine=kind)
     if "training" in Variant.model_fields:  # the manifest field proposed with this module; the companion file either way
         variant.training = {k: v for k, v in training.items() if k != "history"}  # type: ignore[attr-defined]
     step(name, "golden parity")
     with_it = Bundle(bundle.manifest.model_copy(update={"variants": {**bundle.manifest.variants, name: variant}}), root)
-    parity, agreement, problem = golden_check(own_golden(with_it, name), target, precision)
+    parity, agreement, problem = golden_check(own_golden(with_it, name), target, precision, engine_kind=kind)
     tol = SCORE_TOLERANCE[precision] if tolerance is None else tolerance
     if tolerance is not None and np.isfinite(parity.worst) and (problem is None or "inf or NaN" not in problem):
         # judged again at the caller's tolerance (a QAT graph against its fake-quantized torch model)
@@ -290,8 +305,17 @@ def _time_all(bundle: Bundle, step: Callable[[str, str], None], timer: Any) -> N
     bundle.save_manifest()
 
 
+def _engine(name: str) -> str:
+    return "openvino" if name.startswith("openvino-") else "onnxruntime"
+
+
+def _target(root: Path, name: str) -> Path:
+    return root / "variants" / (f"{name}.xml" if _engine(name) == "openvino" else f"{name}.onnx")
+
+
 def _remove(root: Path, name: str) -> None:
-    (root / "variants" / f"{name}.onnx").unlink(missing_ok=True)
+    for suffix in (".onnx", ".xml", ".bin"):
+        (root / "variants" / f"{name}{suffix}").unlink(missing_ok=True)
     (root / training_file(name)).unlink(missing_ok=True)
     shutil.rmtree(root / GOLDEN_DIR / name, ignore_errors=True)
 

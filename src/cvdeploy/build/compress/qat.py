@@ -74,6 +74,7 @@ def qat_to_variant(
     name: str = DEFAULT_NAME,
     max_map_drop: float = 1.0,
     resume: bool = True,
+    openvino: bool = False,
     progress: Progress | None = None,
     on_step: Callable[[str, str], None] | None = None,
     timer: Any = None,
@@ -81,7 +82,8 @@ def qat_to_variant(
     """Fine-tune `model` (the bundle's source .pt) with QAT on `data` and add the result to `bundle` as `name`.
 
     Returns the variant's `Outcome` and the training record (also stored with the variant). `resume` continues from the
-    last epoch checkpointed in `out` by a run of the same configuration.
+    last epoch checkpointed in `out` by a run of the same configuration. With `openvino`, the same QDQ graph is also
+    added as OpenVINO IR (`openvino-<what>-int8`, verified the same way); its outcome is in the record's `openvino`.
     """
     import onnx
 
@@ -146,4 +148,10 @@ def qat_to_variant(
         record["ptq_reference"]["map50_95_drop_points"] = round(100 * (base - ptq_figures["map50_95"]), 3)
         record["map50_95"] = outcome.variant.metrics["map50_95"]
         record["map50_95_drop_points"] = outcome.variant.metrics.get("map50_95_drop_points")
+    if openvino and outcome.written:
+        ov_name = "openvino-" + name.removeprefix("onnx-")
+        ov = add_compressed_variant(b.root, ov_name, run.model, training=record, data=data, onnx=qat,
+                                    max_map_drop=max_map_drop, on_step=on_step, timer=timer)
+        record["openvino"] = {"name": ov_name, "written": ov.written, "reason": ov.reason,
+                              "metrics": dict(ov.variant.metrics) if ov.variant is not None else {}}
     return outcome, record
