@@ -89,8 +89,7 @@ def verify_made(job: VariantJob, name: str, target: Path) -> Checked:
     kind = "openvino" if name in OPENVINO_VARIANTS else "onnxruntime"
     job.step(name, "golden parity")
     parity, agreement, problem = golden_check(job.bundle, target, precision, engine_kind=kind)
-    companions = {} if kind == "onnxruntime" else {
-        str(target.with_suffix(".bin").relative_to(job.root)): sha256_file(target.with_suffix(".bin"))}
+    companions = weight_companions(job.root, target, kind)
     variant = Variant(file=str(target.relative_to(job.root)), format="openvino" if kind == "openvino" else "onnx",  # type: ignore[arg-type]
                       precision=precision, engine=kind, sha256=sha256_file(target),  # type: ignore[arg-type]
                       size_bytes=sum(f.stat().st_size for f in [target, *(job.root / c for c in companions)]),
@@ -112,3 +111,11 @@ def forget_variant(bundle: Bundle, name: str) -> None:
         del manifest.variants[name]
         manifest.runtime = [h for h in manifest.runtime if h.variant != name]
         bundle.save_manifest()
+
+
+def weight_companions(root: Path, target: Path, kind: str) -> dict[str, str]:
+    """The files a model file needs beside it (OpenVINO IR: its `.bin` weights), relative to `root`, -> sha256."""
+    if kind != "openvino":
+        return {}
+    weights = target.with_suffix(".bin")
+    return {str(weights.relative_to(root)): sha256_file(weights)}

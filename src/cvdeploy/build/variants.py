@@ -91,7 +91,7 @@ def _remove(root: Path, name: str) -> None:
         target.unlink(missing_ok=True)
 
 
-def _openvino(fp32: Path, out_xml: Path, calib: Sequence[np.ndarray] | None, float_head: bool) -> None:
+def openvino_ir(fp32: Path, out_xml: Path, calib: Sequence[np.ndarray] | None, float_head: bool) -> None:
     """Convert the ONNX FP32 model to OpenVINO IR (f32 weights); with `calib`, quantize it to INT8 with NNCF."""
     try:
         import openvino as ov
@@ -131,7 +131,7 @@ def _one(job: VariantJob, name: str) -> Checked:
     if name == "onnx-fp16":
         convert_fp16(job.fp32, target)
     else:
-        _openvino(job.fp32, target, job.calib(name) if precision == "int8" else None, float_head=not job.quantize_head)
+        openvino_ir(job.fp32, target, job.calib(name) if precision == "int8" else None, float_head=not job.quantize_head)
     checked = verify_made(job, name, target)
     if precision == "int8" and checked.problem is None:
         checked.variant.quantization = {"tool": "nncf", "preset": "mixed", "calib_images": len(job.calib(name)),

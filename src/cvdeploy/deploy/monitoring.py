@@ -401,7 +401,6 @@ def write_monitoring(models: Mapping[str, Any], out: str | os.PathLike[str], opt
                      title: str | None = None, force: bool = False) -> MonitoringFiles:
     """Write OUT/prometheus/cvdeploy-alerts.yaml and OUT/grafana/cvdeploy-dashboard.json for `models` (name -> the
     bundle the thresholds come from, e.g. each model's newest version). Both are checked before they are written."""
-
     rules, board = alert_rules(models, options), dashboard(models, options, title=title)
     broken = [f"alert rules: {p}" for p in check_rules(rules)] + [f"dashboard: {p}" for p in check_dashboard(board)]
     if broken:  # a generator bug, said plainly rather than shipped

@@ -218,6 +218,7 @@ def _make_and_check(bundle: Bundle, name: str, precision: str, model: Any, onnx:
                     training: dict[str, Any], max_map_drop: float, tolerance: float | None,
                     step: Callable[[str, str], None], map_of: Callable[..., dict[str, float]]) -> tuple[Variant, str | None]:
     """The variant's files and record, and the first problem its checks found (None: verified)."""
+    from cvdeploy.build.variant_job import weight_companions
     from cvdeploy.evaluate.parity import MIN_BOX_AGREEMENT, SCORE_TOLERANCE, golden_check
 
     root = bundle.root
@@ -231,10 +232,10 @@ def _make_and_check(bundle: Bundle, name: str, precision: str, model: Any, onnx:
         step(name, "export ONNX")
         onnx = export_onnx(model, root / "variants" / f"{name}.onnx", bundle.manifest.preprocess.imgsz[0])
     if kind == "openvino":  # the same ONNX graph (a QDQ one keeps its quantization as FakeQuantize) as OpenVINO IR
-        from cvdeploy.build.variants import _openvino
+        from cvdeploy.build.variants import openvino_ir
 
         step(name, "convert to OpenVINO IR")
-        _openvino(Path(onnx), target, None, float_head=False)
+        openvino_ir(Path(onnx), target, None, float_head=False)
         if Path(onnx) == root / "variants" / f"{name}.onnx":
             Path(onnx).unlink()
     elif Path(onnx) != target:
@@ -249,12 +250,10 @@ def _make_and_check(bundle: Bundle, name: str, precision: str, model: Any, onnx:
     record = root / training_file(name)
     record.write_text(json.dumps(training, indent=2, sort_keys=True))
     companions[training_file(name)] = sha256_file(record)
-    files = [target]
-    if kind == "openvino":
-        files.append(target.with_suffix(".bin"))
-        companions[f"variants/{name}.bin"] = sha256_file(files[-1])
+    weights = weight_companions(root, target, kind)
+    companions.update(weights)
     variant = Variant(file=f"variants/{target.name}", precision=precision, sha256=sha256_file(target),  # type: ignore[arg-type]
-                      size_bytes=sum(f.stat().st_size for f in files), companions=companions,
+                      size_bytes=sum(f.stat().st_size for f in [target, *(root / w for w in weights)]), companions=companions,
                       format="openvino" if kind == "openvino" else "onnx", engine=kind)
     if "training" in Variant.model_fields:  # the manifest field proposed with this module; the companion file either way
         variant.training = {k: v for k, v in training.items() if k != "history"}  # type: ignore[attr-defined]

@@ -125,8 +125,9 @@ def qat_to_variant(
     pt = save_checkpoint(run.float_model(model), run_dir / "qat-fp32.pt", imgsz=imgsz, extra={"cvdeploy_qat": record})
     fp32 = export_onnx(pt, run_dir / "qat-fp32.onnx", imgsz)
     # Every activation range the torch model holds (trained, or re-calibrated) goes to the graph as an override.
+    ranges = run.fake_quant.ranges()
     qat = quantize_like_ptq(fp32, run_dir / "qat-int8.onnx", calib, config.int8_recipe(), quantize_head=config.quantize_head,
-                            ranges=run.fake_quant.ranges())
+                            ranges=ranges)
     if mismatches := scale_mismatches(graph_scales(qat), run.fake_quant):
         raise BundleError(f"the QAT graph does not quantize like the model it trained ({len(mismatches)} tensors): "
                           + "; ".join(mismatches[:5]))
@@ -134,7 +135,7 @@ def qat_to_variant(
     record.update({
         "source": str(model), "imgsz": imgsz, "wall_time_s": round(time.perf_counter() - t0, 1),
         "same_node_types_as_ptq": qat_types == ptq_types, "node_types": qat_types,
-        "ranges": {"tensors": len(run.fake_quant.ranges()), "trained": config.range_lr > 0},
+        "ranges": {"tensors": len(ranges), "trained": config.range_lr > 0},
         "ptq_reference": {k: v for k, v in ptq_figures.items() if k != "node_types"},
     })
     if qat_types != ptq_types:  # same recipe, same graph: anything else means the comparison is not like for like

@@ -48,14 +48,12 @@ def node_types(model_path: str | os.PathLike[str]) -> dict[str, int]:
 
 
 def graph_scales(model_path: str | os.PathLike[str]) -> dict[str, tuple[float, int]]:
-    """(scale, zero point) of every activation tensor a QDQ graph quantizes, by tensor name."""
+    """(scale, zero point) of every activation tensor a QDQ graph file quantizes, by tensor name."""
     import onnx
-    from onnx import numpy_helper
 
-    model = onnx.load(str(model_path), load_external_data=False)
-    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    return {n.input[0]: (float(values[n.input[1]]), int(values[n.input[2]]) if len(n.input) > 2 else 0)
-            for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in values}
+    from cvdeploy.build.compress.qat_fakequant import qdq_scales
+
+    return qdq_scales(onnx.load(str(model_path), load_external_data=False))
 
 
 def scale_mismatches(graph: dict[str, tuple[float, int]], fake_quant: Any, *, rel: float = 1e-5) -> list[str]:

@@ -277,27 +277,28 @@ class QuantPlan:
     aliases: dict[str, list[str]] = field(default_factory=dict)
 
 
-# Ops after which ONNX Runtime's QDQ graph re-uses the input's scale and zero point (a Concat's is calibrated).
-_PASS_SCALE_OPS = _SAME_SCALE_OPS - {"Concat"}
+
+def qdq_scales(qdq_model: Any) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of every activation tensor a QDQ graph quantizes, by tensor name."""
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in qdq_model.graph.initializer}
+    return {n.input[0]: (float(values[n.input[1]]), int(values[n.input[2]]) if len(n.input) > 2 else 0)
+            for n in qdq_model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in values}
 
 
 def quant_plan(qdq_model: Any) -> QuantPlan:
     """Read the plan off an ONNX Runtime QDQ graph (the PTQ variant): QDQ keeps the float nodes' names."""
-    from onnx import numpy_helper
-
     producer = {o: n for n in qdq_model.graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for n in qdq_model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    values = {i.name: numpy_helper.to_array(i) for i in qdq_model.graph.initializer}
+    scales = qdq_scales(qdq_model)
 
     def dq(tensor: str) -> bool:
         p = producer.get(tensor)
         return p is not None and p.op_type == "DequantizeLinear"
-
-    def qparams(q: Any) -> tuple[float, float]:
-        return float(values[q.input[1]]), float(values[q.input[2]]) if len(q.input) > 2 else 0.0
 
     aliases: dict[str, list[str]] = {}
 
@@ -313,7 +314,7 @@ def quant_plan(qdq_model: Any) -> QuantPlan:
         while (p := producer.get(tensor)) is not None and p.op_type in _SAME_SCALE_OPS:
             candidates = p.input if p.op_type == "Concat" else p.input[:1]
             same = [u for i in candidates if dq(i) and (u := upstream_q(i)) is not None
-                    and u.op_type == "QuantizeLinear" and qparams(u) == qparams(q)]
+                    and u.op_type == "QuantizeLinear" and scales.get(u.input[0]) == scales[q.input[0]]]
             if not same:
                 break
             if p.op_type == "Concat":
